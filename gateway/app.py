@@ -1,0 +1,42 @@
+"""The gateway's FastAPI application."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.responses import Response
+
+from gateway.disconnect import ClientDisconnected
+from gateway.errors import install_error_handlers
+from gateway.routes import admin, health, openai
+from gateway.state import GatewayState
+from shared.settings import GatewaySettings
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    """A gateway app; its lifespan connects to Redis and subscribes before serving."""
+    settings = settings or GatewaySettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = GatewayState(settings)
+        await state.start()
+        app.state.gateway = state
+        try:
+            yield
+        finally:
+            await state.stop()
+
+    app = FastAPI(title="ChatStream Cluster", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(_request, _exc) -> Response:  # noqa: ANN001
+        return Response(status_code=499)
+
+    app.include_router(openai.router)
+    app.include_router(health.router)
+    app.include_router(admin.router)
+    return app

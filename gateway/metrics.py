@@ -1,0 +1,44 @@
+"""Prometheus metrics of one gateway process.
+
+Counters and the TTFT histogram count this process's requests: sum them across gateways.
+The cluster gauges (queue depth, running, capacity, workers) are read from Redis at scrape
+time, so every gateway reports the same cluster-wide value: aggregate them with `max`, never
+`sum`, when several gateways are scraped (they carry the label `scope="cluster"` to say so).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+QUEUE_DEPTH = Gauge(
+    "chatstream_queue_depth", "Requests waiting: for a permit plus jobs no worker has read.",
+    ["scope"], registry=REGISTRY,
+)
+RUNNING = Gauge(
+    "chatstream_running", "Generation permits held cluster-wide.", ["scope"], registry=REGISTRY
+)
+CAPACITY = Gauge(
+    "chatstream_capacity", "Cluster-wide cap on concurrent generations.", ["scope"],
+    registry=REGISTRY,
+)
+WORKERS = Gauge("chatstream_workers", "Live workers.", ["scope"], registry=REGISTRY)
+REJECTED = Counter(
+    "chatstream_rejected_total", "Requests refused by admission.", ["reason"], registry=REGISTRY
+)
+REQUESTS = Counter(
+    "chatstream_requests_total", "Finished requests.", ["route", "status"], registry=REGISTRY
+)
+TTFT = Histogram(
+    "chatstream_time_to_first_token_seconds", "Request arrival to first generated text.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=REGISTRY,
+)
+TOKENS = Counter(
+    "chatstream_generated_tokens_total", "Completion tokens relayed to clients.", registry=REGISTRY
+)
+OPEN_STREAMS = Gauge(
+    "chatstream_open_streams", "Streams this gateway is relaying now.", registry=REGISTRY
+)
+for _reason in ("queue_full", "queue_timeout", "per_key_limit", "per_session_limit"):
+    REJECTED.labels(reason=_reason)

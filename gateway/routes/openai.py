@@ -1,0 +1,242 @@
+"""OpenAI-compatible API: `POST /v1/chat/completions` (SSE or JSON) and `GET /v1/models`.
+
+Unknown request fields are ignored, as OpenAI's own clients send fields a server may not
+know; known fields are validated and a bad one is a 400 that names it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from gateway.body import read_json
+from gateway.disconnect import ClientDisconnected, run_until_disconnect
+from gateway.errors import APIError
+from gateway.relay import (
+    DISCONNECTED_WHILE_STREAMING,
+    Generation,
+    run_generation,
+)
+from gateway.state import GatewayState
+from gateway.streaming import GenerationResponse
+from shared.schemas import ChatMessage, SamplingParams
+
+router = APIRouter()
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class RequestMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[ContentPart] | None = None
+
+    def to_chat(self) -> ChatMessage:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        return ChatMessage(role=self.role, content=content or "")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """The fields of OpenAI's chat completion request that the cluster honours."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    messages: Annotated[list[RequestMessage], Field(min_length=1)]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0, le=100_000)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    n: int | None = Field(None, ge=1, le=1)
+    user: str | None = Field(None, max_length=256)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: str | list[str] | None) -> list[str] | None:
+        if isinstance(value, str):
+            value = [value]
+        if value is not None and any(not s for s in value):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+
+def _limits(req: ChatCompletionRequest, state: GatewayState) -> None:
+    s = state.settings
+    if len(req.messages) > s.max_messages:
+        raise APIError(400, f"at most {s.max_messages} messages are allowed",
+                       code="too_many_messages", param="messages")
+    for i, msg in enumerate(req.messages):
+        text = msg.to_chat().content
+        if len(text) > s.max_message_chars:
+            raise APIError(400, f"message {i} is longer than {s.max_message_chars} characters",
+                           code="message_too_long", param=f"messages.{i}.content")
+    stops = req.stop or []
+    if len(stops) > s.max_stop:
+        raise APIError(400, f"at most {s.max_stop} stop strings are allowed",
+                       code="too_many_stop", param="stop")
+    if any(len(x) > s.max_stop_chars for x in stops):
+        raise APIError(400, f"stop strings may be at most {s.max_stop_chars} characters",
+                       code="stop_too_long", param="stop")
+
+
+def sampling_from(req: ChatCompletionRequest, state: GatewayState) -> SamplingParams:
+    """Sampling params of a request, with the server's default and ceiling for max_tokens."""
+    s = state.settings
+    max_tokens = req.max_completion_tokens or req.max_tokens or s.default_max_tokens
+    if max_tokens > s.max_tokens_limit:
+        param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        raise APIError(400, f"{param} may be at most {s.max_tokens_limit}",
+                       code="max_tokens_too_large", param=param)
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k or 0,
+        stop=req.stop or [],
+        seed=req.seed,
+    )
+
+
+def resolve_model(requested: str, state: GatewayState) -> str:
+    """The served model name; 404 for a model no live worker serves."""
+    served = state.served_models()
+    if requested in served or not state.workers.serving:  # no worker: start() answers 503
+        return requested
+    raise APIError(404, f"model {requested!r} does not exist; available: {', '.join(served)}",
+                   code="model_not_found", param="model")
+
+
+def _finish(reason: str | None) -> str | None:
+    return {"cancelled": "stop", "error": "stop"}.get(reason or "", reason)
+
+
+def _usage(gen: Generation) -> dict[str, int]:
+    return {
+        "prompt_tokens": gen.prompt_tokens,
+        "completion_tokens": gen.tokens,
+        "total_tokens": gen.prompt_tokens + gen.tokens,
+    }
+
+
+async def _sse(gen: Generation, model: str, include_usage: bool) -> AsyncIterator[bytes]:
+    """OpenAI chunk events, one per relayed event, then [DONE]."""
+    cid = "chatcmpl-" + gen.job_id
+    created = int(time.time())
+    head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
+    dumps = orjson.dumps
+
+    def chunk(delta: dict[str, Any], finish: str | None, seq: int) -> bytes:
+        body = {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return b"id: %s:%d\ndata: %s\n\n" % (gen.job_id.encode(), seq, dumps(body))
+
+    yield chunk({"role": "assistant", "content": ""}, None, 0)
+    async for ev in gen.events():
+        if ev.finish_reason == "error":
+            err = ev.error
+            if ev.text:
+                yield chunk({"content": ev.text}, None, ev.seq)
+            payload = {"error": {"message": err.message if err else "generation failed",
+                                 "type": "server_error", "code": err.code if err else None}}
+            yield b"data: %s\n\n" % dumps(payload)
+            break
+        if ev.text:
+            yield chunk({"content": ev.text}, None, ev.seq)
+        if ev.finish_reason:
+            yield chunk({}, _finish(ev.finish_reason), ev.seq)
+    if include_usage and gen.finish_reason != "error":
+        usage = {**head, "choices": [], "usage": _usage(gen)}
+        yield b"data: %s\n\n" % dumps(usage)
+    yield b"data: [DONE]\n\n"
+
+
+async def _collect(gen: Generation, model: str) -> dict[str, Any]:
+    async for ev in gen.events():
+        if ev.finish_reason == "error":
+            err = ev.error
+            raise APIError(err.status if err else 500, err.message if err else "generation failed",
+                           code=err.code if err else "worker_error")
+    return {
+        "id": "chatcmpl-" + gen.job_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": gen.text},
+            "finish_reason": _finish(gen.finish_reason),
+        }],
+        "usage": _usage(gen),
+    }
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Any:
+    """Create a chat completion; `stream: true` answers with server-sent events."""
+    state: GatewayState = request.app.state.gateway
+    body = await read_json(request, state.settings.max_body_bytes)
+    req = ChatCompletionRequest.model_validate(body)
+    _limits(req, state)
+    sampling = sampling_from(req, state)
+    model = resolve_model(req.model, state)
+    gen = Generation(
+        state,
+        [m.to_chat() for m in req.messages],
+        sampling,
+        route="openai",
+        request_id=request.headers.get("x-request-id", ""),
+    )
+    await run_generation(gen, request.receive)
+    headers = {"X-Request-ID": gen.request_id}
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return GenerationResponse(
+            gen, _sse(gen, model, include_usage), "text/event-stream",
+            headers={**SSE_HEADERS, **headers},
+        )
+    try:
+        result = await run_until_disconnect(request.receive, _collect(gen, model))
+    except ClientDisconnected:
+        await gen.close(DISCONNECTED_WHILE_STREAMING)
+        raise
+    except BaseException:
+        await gen.close(gen.outcome() if gen.finish_reason else "unknown_error_occurred")
+        raise
+    await gen.close(gen.outcome())
+    return JSONResponse(result, headers=headers)
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    """The models the live workers serve."""
+    state: GatewayState = request.app.state.gateway
+    return {
+        "object": "list",
+        "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "chatstream-cluster"}
+            for name in state.served_models()
+        ],
+    }

@@ -1,0 +1,57 @@
+"""Everything one gateway process holds: its Redis pool, dispatcher, admission and caches."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+
+from gateway.admission import Admission
+from gateway.dispatcher import Dispatcher
+from gateway.workers import WorkerCache
+from shared.jobqueue import JobQueue
+from shared.keys import Keys
+from shared.redis_client import make_redis
+from shared.registry import WorkerRegistry
+from shared.semaphore import RedisSemaphore
+from shared.settings import GatewaySettings
+
+
+class GatewayState:
+    """Process-wide objects of a gateway, created at start-up and closed at shutdown."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self.gateway_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.redis = make_redis(settings.redis_url)
+        self.queue = JobQueue(self.redis, self.keys)
+        self.registry = WorkerRegistry(self.redis, self.keys)
+        self.workers = WorkerCache(self.registry)
+        self.semaphore = RedisSemaphore(self.redis, self.keys, lease_s=settings.permit_lease)
+        self.admission = Admission(self.semaphore, settings, self.workers)
+        self.dispatcher = Dispatcher(settings.redis_url, self.keys, self.gateway_id)
+        self.background: set[asyncio.Task] = set()
+        self.draining = False
+
+    def served_models(self) -> list[str]:
+        """Model names requests may ask for: the live workers' models and the configured alias."""
+        names = self.workers.models
+        if self.settings.served_model_name and names:
+            names = sorted({*names, self.settings.served_model_name})
+        return names
+
+    async def start(self) -> None:
+        await self.dispatcher.start()
+        await self.workers.start()
+        await self.admission.start()
+
+    async def stop(self) -> None:
+        self.draining = True
+        if self.background:
+            await asyncio.wait(self.background, timeout=10)
+        await self.admission.stop()
+        await self.workers.stop()
+        await self.dispatcher.stop()
+        await self.redis.aclose()

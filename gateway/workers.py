@@ -1,0 +1,93 @@
+"""The gateway's view of the live workers and of Redis health, refreshed in the background.
+
+Requests read this cache instead of asking Redis each time; a request that finds no live
+worker waits for the next refresh that sees one, up to `no_worker_timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from redis.exceptions import RedisError
+
+from gateway.errors import APIError, redis_unavailable
+from shared.redis_client import REDIS_ERRORS
+from shared.registry import WorkerRegistry
+from shared.schemas import WorkerInfo
+
+log = logging.getLogger("chatstream.gateway")
+
+
+class WorkerCache:
+    """Live workers as of the last refresh, and whether Redis answered it."""
+
+    def __init__(self, registry: WorkerRegistry, interval: float = 0.5) -> None:
+        self.registry = registry
+        self.interval = interval
+        self.workers: list[tuple[WorkerInfo, float]] = []
+        self.redis_ok = False
+        self.last_ok = 0.0
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._loop(), name="worker-cache")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def refresh(self) -> None:
+        try:
+            self.workers = await self.registry.live()
+            self.redis_ok = True
+            self.last_ok = time.monotonic()
+        except (*REDIS_ERRORS, RedisError) as exc:
+            if self.redis_ok:
+                log.warning("redis unreachable", extra={"error": str(exc)})
+            self.redis_ok = False
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.refresh()
+
+    @property
+    def serving(self) -> list[WorkerInfo]:
+        """Live workers that take jobs (not draining)."""
+        return [w for w, _age in self.workers if not w.draining]
+
+    @property
+    def capacity(self) -> int:
+        return sum(w.max_batch for w in self.serving)
+
+    @property
+    def models(self) -> list[str]:
+        return sorted({w.model for w in self.serving})
+
+    async def wait_for_worker(self, timeout: float) -> None:
+        """Return once a serving worker is known; else 503 (Redis down or no worker)."""
+        deadline = time.monotonic() + timeout
+        while not (self.redis_ok and self.serving):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+        if not self.redis_ok:
+            raise redis_unavailable()
+        if not self.serving:
+            raise APIError(
+                503,
+                "no worker is available to serve this request; start a worker or retry later",
+                code="no_worker",
+                headers={"Retry-After": "5"},
+            )

@@ -1,0 +1,90 @@
+"""A job's token events: fenced writes by workers, reads for gap repair and resume.
+
+Each event goes, in one Lua call, to the job's short-lived stream (entry id `<seq>-0`) and to
+the reply channel of the gateway that owns the job. The call checks the job's attempt first,
+so a worker that lost the job (a stale attempt) cannot write; it also refuses non-final
+events of a cancelled job, which tells the worker to stop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from shared.keys import Keys
+from shared.schemas import TokenEvent
+
+FENCED = -1
+CANCELLED = -2
+DUPLICATE = -3  # this seq was stored by an earlier try of the same publish
+
+_PUBLISH_EVENT = """
+local meta = redis.call('HMGET', KEYS[1], 'attempt', 'cancel')
+if meta[1] ~= ARGV[1] then return -1 end
+local final = ARGV[6] == '1'
+if meta[2] and not final then return -2 end
+local added = redis.pcall('XADD', KEYS[2], ARGV[2] .. '-0', 'e', ARGV[3])
+if type(added) == 'table' and added.err then return -3 end
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+if final then
+  redis.call('HSET', KEYS[1], 'status', 'done')
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+end
+return redis.call('PUBLISH', ARGV[4], ARGV[3])
+"""
+
+
+@dataclass
+class PendingPublish:
+    """One event to publish for one job."""
+
+    event: TokenEvent
+    channel: str
+
+
+class EventWriter:
+    """Worker side: publish many jobs' events in one pipelined round trip."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys, ttl_s: float) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.ttl_ms = int(ttl_s * 1000)
+        self._script = redis.register_script(_PUBLISH_EVENT)
+
+    async def publish(self, batch: list[PendingPublish]) -> list[int]:
+        """Returns per event: receivers (>= 0), FENCED, CANCELLED or DUPLICATE."""
+        if not batch:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for item in batch:
+                ev = item.event
+                await self._script(
+                    keys=[self.keys.job_meta(ev.job_id), self.keys.job_events(ev.job_id)],
+                    args=[
+                        ev.attempt,
+                        ev.seq,
+                        ev.pack(),
+                        item.channel,
+                        self.ttl_ms,
+                        1 if ev.finish_reason else 0,
+                    ],
+                    client=pipe,
+                )
+            return [int(r) for r in await pipe.execute()]
+
+
+async def read_events(
+    redis: aioredis.Redis, keys: Keys, job_id: str, after_seq: int = 0, count: int | None = None
+) -> list[TokenEvent]:
+    """The job's stored events with seq > after_seq, in order."""
+    entries = await redis.xrange(keys.job_events(job_id), min=f"{after_seq + 1}-0", count=count)
+    return [TokenEvent.unpack(fields[b"e"]) for _eid, fields in entries]
+
+
+async def replay_state(redis: aioredis.Redis, keys: Keys, job_id: str) -> tuple[int, str, int]:
+    """(last seq, text so far, tokens so far) of a job, to continue it on another worker."""
+    events = await read_events(redis, keys, job_id)
+    text = "".join(e.text for e in events)
+    last = events[-1] if events else None
+    return (last.seq if last else 0), text, (last.tokens if last else 0)

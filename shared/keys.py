@@ -1,0 +1,113 @@
+"""Every Redis key and channel name of the cluster, built under one configurable prefix.
+
+No key is built from unchecked input: ids that reach a key name must match `SAFE_ID`.
+Per-job keys share a hash tag (`{job_id}`) so a job's keys stay in one Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+import re
+
+SAFE_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+JOBS_GROUP = "workers"
+
+
+class UnsafeIdError(ValueError):
+    """An id that may not be part of a Redis key name."""
+
+
+def safe_id(value: str) -> str:
+    """Return `value` if it may appear in a key name, else raise UnsafeIdError."""
+    if not isinstance(value, str) or not SAFE_ID.match(value):
+        raise UnsafeIdError(f"unsafe id for a Redis key: {value!r}")
+    return value
+
+
+class Keys:
+    """Key and channel names under `prefix`."""
+
+    def __init__(self, prefix: str = "chatstream") -> None:
+        self.prefix = safe_id(prefix)
+
+    def _k(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    # --- job queue -------------------------------------------------------------------------
+    @property
+    def jobs(self) -> str:
+        """Stream of job specs, read by the workers' consumer group."""
+        return self._k("jobs")
+
+    @property
+    def dead_letter(self) -> str:
+        """Stream of job entries that could not be decoded or ran out of attempts."""
+        return self._k("jobs", "dead")
+
+    def job_meta(self, job_id: str) -> str:
+        """Hash: attempt (the fence), status, cancel flag, owner worker."""
+        return self._k("job", "{" + safe_id(job_id) + "}", "meta")
+
+    def job_events(self, job_id: str) -> str:
+        """Short-lived stream of a job's token events, entry id = `<seq>-0`."""
+        return self._k("job", "{" + safe_id(job_id) + "}", "events")
+
+    # --- pub/sub ---------------------------------------------------------------------------
+    def gateway_channel(self, gateway_id: str) -> str:
+        """Channel one gateway process subscribes to; workers publish its jobs' events there."""
+        return self._k("gw", safe_id(gateway_id))
+
+    @property
+    def control_channel(self) -> str:
+        """Broadcast channel from gateways to workers (cancel)."""
+        return self._k("control")
+
+    # --- registries ------------------------------------------------------------------------
+    @property
+    def workers(self) -> str:
+        """Sorted set: worker id -> last heartbeat (ms, Redis clock)."""
+        return self._k("workers")
+
+    def worker(self, worker_id: str) -> str:
+        """Hash describing one worker; expires when its heartbeats stop."""
+        return self._k("worker", safe_id(worker_id))
+
+    @property
+    def gateways(self) -> str:
+        """Sorted set: gateway id -> last heartbeat (ms, Redis clock)."""
+        return self._k("gateways")
+
+    # --- semaphore -------------------------------------------------------------------------
+    def sem_holders(self, name: str) -> str:
+        """Sorted set: permit id -> lease expiry (ms)."""
+        return self._k("sem", "{" + safe_id(name) + "}", "holders")
+
+    def sem_waiters(self, name: str) -> str:
+        """Sorted set: permit id -> FIFO ticket."""
+        return self._k("sem", "{" + safe_id(name) + "}", "waiters")
+
+    def sem_waiter_heartbeats(self, name: str) -> str:
+        """Sorted set: permit id -> waiter heartbeat expiry (ms)."""
+        return self._k("sem", "{" + safe_id(name) + "}", "waiter_hb")
+
+    def sem_ticket(self, name: str) -> str:
+        """Counter handing out FIFO tickets."""
+        return self._k("sem", "{" + safe_id(name) + "}", "ticket")
+
+    # --- sessions, feedback, metrics -------------------------------------------------------
+    def session(self, session_id: str) -> str:
+        """Hash of one ChatStream session (history, params, timestamps)."""
+        return self._k("session", safe_id(session_id))
+
+    def session_lock(self, session_id: str) -> str:
+        """Key held while one turn of the session runs."""
+        return self._k("session", safe_id(session_id), "lock")
+
+    @property
+    def feedback(self) -> str:
+        """Stream of /set_feedback entries."""
+        return self._k("feedback")
+
+    @property
+    def metrics(self) -> str:
+        """Hash of cluster-wide counters (rejections, tokens)."""
+        return self._k("metrics")

@@ -1,0 +1,34 @@
+"""One asyncio Redis connection pool per process, from a redis:// or rediss:// URL."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def make_redis(url: str, *, max_connections: int = 256, socket_timeout: float = 5.0) -> aioredis.Redis:
+    """An asyncio client with bounded retries, so a Redis outage fails fast instead of hanging.
+
+    Passwords and TLS come from the URL (`redis://:pw@host:6379/0`, `rediss://...`).
+    """
+    return aioredis.Redis.from_url(
+        url,
+        max_connections=max_connections,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=1.0,
+        health_check_interval=15,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=1),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
+
+
+def make_pubsub_redis(url: str) -> aioredis.Redis:
+    """A client for a long-lived pub/sub connection (no read timeout: it waits for messages)."""
+    return aioredis.Redis.from_url(
+        url, socket_timeout=None, socket_connect_timeout=2.0, health_check_interval=10
+    )

@@ -1,0 +1,132 @@
+"""Messages between gateways and workers: pydantic models, msgpack on the wire."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+class ChatMessage(BaseModel):
+    """One message of a conversation."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+
+
+class SamplingParams(BaseModel):
+    """Per-request sampling; honoured inside a shared batch."""
+
+    max_tokens: int = Field(256, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+
+
+class JobSpec(BaseModel):
+    """A generation job as it sits in the job stream."""
+
+    job_id: str
+    reply_channel: str
+    messages: list[ChatMessage]
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    model: str = ""
+    created_ms: int = 0
+    return_prompt: bool = False
+
+    def pack(self) -> bytes:
+        return msgpack.packb(self.model_dump(mode="python"), use_bin_type=True)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> JobSpec:
+        """Decode and validate; raises ValueError (or pydantic's) on garbage."""
+        return cls.model_validate(msgpack.unpackb(data, raw=False))
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class JobError(BaseModel):
+    """Why a job ended with finish_reason "error"."""
+
+    code: str
+    message: str
+    status: int = 500
+
+
+class TokenEvent(BaseModel):
+    """Everything new for one job since its previous event.
+
+    `seq` counts events of the job from 1 with no gap across attempts; `attempt` is the
+    fence. `tokens` is the completion token count so far. The last event has
+    `finish_reason` and `usage`.
+    """
+
+    job_id: str
+    seq: int
+    attempt: int
+    text: str = ""
+    tokens: int = 0
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    error: JobError | None = None
+    prompt: str | None = None
+    worker_id: str = ""
+
+    def pack(self) -> bytes:
+        return msgpack.packb(self.model_dump(mode="python", exclude_none=True), use_bin_type=True)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> TokenEvent:
+        raw: dict[str, Any] = msgpack.unpackb(data, raw=False)
+        usage = raw.get("usage")
+        error = raw.get("error")
+        # Trusted, internal data on the hot path: construct without re-validating.
+        return cls.model_construct(
+            **{
+                **raw,
+                "usage": Usage.model_construct(**usage) if usage else None,
+                "error": JobError.model_construct(**error) if error else None,
+            }
+        )
+
+
+class WorkerInfo(BaseModel):
+    """A worker's registry entry."""
+
+    id: str
+    pid: int
+    host: str
+    model: str
+    device: str
+    max_batch: int
+    running: int = 0
+    max_context: int = 0
+    started_ms: int = 0
+    draining: bool = False
+    gpus: list[dict[str, Any]] = Field(default_factory=list)
+    cpu: dict[str, Any] = Field(default_factory=dict)
+    tokens_per_s: float = 0.0
+
+
+class ControlMessage(BaseModel):
+    """Gateway -> workers broadcast."""
+
+    kind: Literal["cancel"]
+    job_id: str
+
+    def pack(self) -> bytes:
+        return msgpack.packb(self.model_dump(), use_bin_type=True)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> ControlMessage:
+        return cls.model_validate(msgpack.unpackb(data, raw=False))

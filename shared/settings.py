@@ -1,0 +1,204 @@
+"""Settings for every process, read from `CHATSTREAM_*` env vars and mirrored by CLI flags.
+
+Each field is one flag: `max_batch` is `--max-batch` and `CHATSTREAM_MAX_BATCH`. A flag given
+on the command line wins over the environment, which wins over the default. Durations are in
+seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import typing
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+DEFAULT_SESSION_SECRET = "change-me-chatstream-session-secret"
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class CommonSettings(BaseSettings):
+    """Settings shared by the gateway, the worker and the CLI tools."""
+
+    model_config = SettingsConfigDict(env_prefix="CHATSTREAM_", extra="ignore")
+
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis URL (redis://, rediss:// for TLS; user:password@ for auth).",
+    )
+    key_prefix: str = Field(
+        "chatstream", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Prefix of every Redis key."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", description="Log format; auto = JSON unless stderr is a terminal."
+    )
+
+
+class WorkerSettings(CommonSettings):
+    """Settings of one worker process (one per GPU)."""
+
+    model: str = Field(
+        "demo", description="demo (tiny local Llama), mock (no torch), or an HF model id / folder."
+    )
+    device: str = Field("cpu", description="cpu, cuda, or cuda:N (pins GPU N).")
+    max_batch: int = Field(16, ge=1, le=4096, description="Most sequences generated together.")
+    mock_tokens_per_s: float = Field(
+        0.0, ge=0, description="Speed of --model mock per sequence; 0 = as fast as it can."
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Model dtype; auto = bfloat16 on CUDA, float32 on CPU."
+    )
+    model_cache_dir: str = Field(
+        "", description="Folder for the built demo model; empty = ~/.cache/chatstream."
+    )
+    worker_id: str = Field("", description="Worker id in the registry; empty = host-pid-random.")
+    heartbeat_interval: float = Field(1.0, gt=0, description="Seconds between heartbeats.")
+    worker_ttl: float = Field(5.0, gt=0, description="A worker silent this long is dead.")
+    job_claim_idle: float = Field(
+        5.0, gt=0, description="A job untouched this long is taken over from its dead worker."
+    )
+    no_subscriber_timeout: float = Field(
+        1.5, gt=0, description="Drop a sequence whose tokens reach no gateway for this long."
+    )
+    drain_timeout: float = Field(
+        30.0, ge=0, description="On SIGTERM, finish in-flight jobs for at most this long."
+    )
+    event_stream_ttl: float = Field(
+        300.0, gt=0, description="Lifetime of a finished job's event stream (for resume)."
+    )
+
+
+class GatewaySettings(CommonSettings):
+    """Settings of one stateless gateway process."""
+
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to bind (0 = any free port).")
+    max_concurrent: int = Field(
+        0, ge=0, description="Cluster-wide cap on running generations; 0 = sum of live workers' "
+        "--max-batch.",
+    )
+    max_queue: int = Field(64, ge=0, description="Most requests waiting for a permit (cluster).")
+    queue_timeout: float = Field(60.0, gt=0, description="Most seconds a request waits in line.")
+    permit_lease: float = Field(
+        15.0, gt=0, le=300, description="A permit not refreshed this long is freed (crash)."
+    )
+    no_worker_timeout: float = Field(
+        3.0, gt=0, description="Seconds to wait for a live worker before answering 503."
+    )
+    served_model_name: str = Field(
+        "", description="Model name the API reports; empty = the workers' model."
+    )
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request has none.")
+    max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body (413).")
+    max_messages: int = Field(256, ge=1, description="Most messages in one request.")
+    max_message_chars: int = Field(100_000, ge=1, description="Longest message content.")
+    max_stop: int = Field(4, ge=0, description="Most stop strings.")
+    max_stop_chars: int = Field(64, ge=1, description="Longest stop string.")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="API key required on /v1/* and ChatStream endpoints (repeatable; env: "
+        "comma-separated CHATSTREAM_API_KEYS).",
+    )
+    admin_key: str = Field("", description="Key protecting /admin/* and /metrics.")
+    max_concurrent_per_key: int = Field(0, ge=0, description="Cap per API key; 0 = none.")
+    max_concurrent_per_session: int = Field(0, ge=0, description="Cap per session; 0 = none.")
+    session_secret: str = Field(
+        DEFAULT_SESSION_SECRET, description="Secret that signs the sid cookie."
+    )
+    allow_default_secret: bool = Field(
+        False, description="Start with the default session secret on a non-loopback address."
+    )
+    session_ttl: float = Field(7 * 24 * 3600.0, gt=0, description="Sliding lifetime of a session.")
+    cookie_secure: bool = Field(False, description="Mark the sid cookie Secure (HTTPS only).")
+    drain_timeout: float = Field(
+        30.0, ge=0, description="On SIGTERM, let open streams finish for at most this long."
+    )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys_from_csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+
+class UpSettings(GatewaySettings, WorkerSettings):
+    """Settings of `chatstream up`: every gateway and worker setting plus the local cluster's."""
+
+    redis_url: str = Field("", description="Redis URL; empty = start an embedded Redis.")
+    workers: str = Field("auto", pattern=r"^(auto|[0-9]+)$", description="auto or a number.")
+    data_dir: str = Field(".chatstream", description="Folder for the embedded Redis's data.")
+
+
+# --- CLI mirroring ---------------------------------------------------------------------------
+
+_FLAG_NAMES = {"api_keys": "--api-key"}
+
+
+def flag_name(field: str) -> str:
+    """The CLI flag that mirrors a settings field."""
+    return _FLAG_NAMES.get(field, "--" + field.replace("_", "-"))
+
+
+def _is_list(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _is_list(typing.get_args(annotation)[0])
+    return origin is list
+
+
+def _literal_choices(annotation: Any) -> list[str] | None:
+    if typing.get_origin(annotation) is Literal:
+        return [str(a) for a in typing.get_args(annotation)]
+    return None
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, cls: type[BaseSettings]) -> None:
+    """Add one flag per settings field; unset flags stay out of the parsed namespace."""
+    for name, field in cls.model_fields.items():
+        annotation = field.annotation
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
+        env = f"CHATSTREAM_{name.upper()}"
+        default = field.get_default(call_default_factory=True)
+        help_text = f"{field.description or ''} [env {env}; default {default!r}]"
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif _is_list(annotation):
+            kwargs["action"] = "append"
+        else:
+            choices = _literal_choices(annotation)
+            if choices:
+                kwargs["choices"] = choices
+            elif annotation in (int, float):
+                kwargs["type"] = annotation
+        parser.add_argument(flag_name(name), help=help_text, **kwargs)
+
+
+def settings_from_args(cls: type[BaseSettings], args: argparse.Namespace) -> Any:
+    """Build settings from env vars, overridden by the flags present in `args`."""
+    overrides = {k: v for k, v in vars(args).items() if k in cls.model_fields}
+    return cls(**overrides)
+
+
+def fields_of(cls: type[BaseSettings], settings: BaseSettings) -> dict[str, Any]:
+    """The values of `settings` that `cls` also has (to pass `up` settings on to a child)."""
+    return {k: getattr(settings, k) for k in cls.model_fields if hasattr(settings, k)}
+
+
+__all__ = [
+    "CommonSettings",
+    "GatewaySettings",
+    "UpSettings",
+    "WorkerSettings",
+    "add_settings_arguments",
+    "fields_of",
+    "flag_name",
+    "settings_from_args",
+]

@@ -1,0 +1,400 @@
+"""The worker's lifecycle, top to bottom: intake → engine thread → publisher → finish.
+
+- `run` starts the heartbeat, the control listener, the engine thread and the publisher, then
+  takes jobs (`_intake`) only while the batch has free slots.
+- `_start_job` fences the job (attempt + 1), replays what an earlier attempt already sent and
+  hands the sequence to the engine.
+- The engine thread steps all sequences together; outputs are coalesced per job until the
+  publisher sends them, so generation never waits on Redis.
+- `_publish` sends one fenced event per job per round, pipelined; a fenced, cancelled or
+  unheard job leaves the batch.
+- SIGTERM (`drain`) stops intake, lets running jobs finish up to the drain timeout, and leaves
+  the rest unacknowledged so another worker continues them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from redis.exceptions import RedisError
+
+from shared.events import CANCELLED, FENCED, EventWriter, PendingPublish, replay_state
+from shared.jobqueue import JobEntry, JobQueue
+from shared.keys import Keys
+from shared.redis_client import REDIS_ERRORS, make_pubsub_redis, make_redis
+from shared.registry import WorkerRegistry
+from shared.schemas import ControlMessage, JobError, JobSpec, TokenEvent, Usage, WorkerInfo
+from shared.settings import WorkerSettings
+from worker.engine_api import Engine, GenerationRequest, StepOutput
+from worker.resources import resource_snapshot
+
+log = logging.getLogger("chatstream.worker")
+MAX_ATTEMPTS = 5
+
+
+@dataclass
+class ActiveJob:
+    """A job this worker is generating."""
+
+    entry_id: str
+    spec: JobSpec
+    attempt: int
+    seq: int
+    tokens: int = 0
+    prompt_tokens: int = 0
+    unheard_since: float | None = None
+    dropping: bool = False
+
+
+@dataclass
+class Pending:
+    """Output of one job not yet published (coalesced across engine steps)."""
+
+    text: str = ""
+    tokens: int = 0
+    prompt_tokens: int = 0
+    finish_reason: str | None = None
+    error: JobError | None = None
+    prompt: str | None = None
+
+    def merge(self, out: StepOutput) -> None:
+        self.text += out.text
+        self.tokens = max(self.tokens, out.tokens)
+        self.prompt_tokens = out.prompt_tokens or self.prompt_tokens
+        self.finish_reason = out.finish_reason or self.finish_reason
+        self.error = out.error or self.error
+        self.prompt = out.prompt if out.prompt is not None else self.prompt
+
+
+@dataclass
+class WorkerStats:
+    tokens: int = 0
+    window: list[tuple[float, int]] = field(default_factory=list)
+
+    def tokens_per_s(self) -> float:
+        now = time.monotonic()
+        self.window = [(t, n) for t, n in self.window if now - t < 10] + [(now, self.tokens)]
+        (t0, n0), (t1, n1) = self.window[0], self.window[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+class Worker:
+    """One worker process: one engine, one batch, one Redis pool."""
+
+    def __init__(self, settings: WorkerSettings, engine: Engine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.keys = Keys(settings.key_prefix)
+        self.id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.redis = make_redis(settings.redis_url)
+        self.queue = JobQueue(self.redis, self.keys)
+        self.writer = EventWriter(self.redis, self.keys, settings.event_stream_ttl)
+        self.registry = WorkerRegistry(self.redis, self.keys)
+        self.active: dict[str, ActiveJob] = {}
+        self.stats = WorkerStats()
+        self.started_ms = int(time.time() * 1000)
+        self._pending: dict[str, Pending] = {}
+        self._pending_lock = threading.Lock()
+        self._engine_wake = threading.Event()
+        self._stop_engine = threading.Event()
+        self._dirty = asyncio.Event()
+        self._slot_free = asyncio.Event()
+        self._draining = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Serve jobs until `drain()`; returns after in-flight work is done or handed over."""
+        self._loop = asyncio.get_running_loop()
+        await self._retry_forever(self.queue.ensure_group, "create consumer group")
+        engine_thread = threading.Thread(target=self._engine_main, name="engine", daemon=True)
+        engine_thread.start()
+        tasks = [
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self._control_loop(), name="control"),
+            asyncio.create_task(self._publish_loop(), name="publish"),
+        ]
+        log.info("worker ready", extra={"worker_id": self.id, "model": self.engine.model_name})
+        try:
+            await self._intake()
+            await self._wait_drained()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._stop_engine.set()
+            self._engine_wake.set()
+            await asyncio.to_thread(engine_thread.join, 5)
+            with contextlib.suppress(*REDIS_ERRORS, RedisError):
+                await self.registry.remove(self.id)
+            await self.redis.aclose()
+            self.engine.close()
+            log.info("worker stopped", extra={"worker_id": self.id})
+
+    def drain(self) -> None:
+        """Stop taking jobs; `run` returns once running ones finish or the drain timeout passes."""
+        if not self._draining.is_set():
+            log.info("draining", extra={"worker_id": self.id, "running": len(self.active)})
+            self._draining.set()
+            self._slot_free.set()
+
+    async def _wait_drained(self) -> None:
+        deadline = time.monotonic() + self.settings.drain_timeout
+        while self.active and time.monotonic() < deadline:
+            self._slot_free.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._slot_free.wait(), deadline - time.monotonic())
+        if self.active:
+            log.warning(
+                "drain timeout: leaving jobs to other workers",
+                extra={"worker_id": self.id, "jobs": list(self.active)},
+            )
+
+    async def _retry_forever(self, func, what: str):  # noqa: ANN001, ANN202
+        delay = 0.1
+        while True:
+            try:
+                return await func()
+            except (*REDIS_ERRORS, RedisError) as exc:
+                log.warning(f"redis unavailable: {what}", extra={"error": str(exc)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    # --- intake ----------------------------------------------------------------------------
+    async def _intake(self) -> None:
+        last_reclaim = 0.0
+        while not self._draining.is_set():
+            free = self.engine.max_batch - len(self.active)
+            if free <= 0:
+                self._slot_free.clear()
+                await self._slot_free.wait()
+                continue
+            try:
+                entries: list[JobEntry] = []
+                if time.monotonic() - last_reclaim > self.settings.job_claim_idle / 2:
+                    last_reclaim = time.monotonic()
+                    entries = await self.queue.reclaim(self.id, self.settings.job_claim_idle, free)
+                if not entries:
+                    entries = await self.queue.read(self.id, free, block_ms=500)
+            except (*REDIS_ERRORS, RedisError) as exc:
+                log.warning("redis unavailable: read jobs", extra={"error": str(exc)})
+                await asyncio.sleep(0.5)
+                continue
+            for entry in entries:
+                if self._draining.is_set():
+                    break  # unacknowledged: another worker reclaims it
+                await self._retry_forever(lambda e=entry: self._start_job(e), "start job")
+
+    async def _start_job(self, entry: JobEntry) -> None:
+        spec = entry.spec
+        if spec is None:
+            log.error(
+                "undecodable job: moved to dead letters",
+                extra={"entry_id": entry.entry_id, "error": entry.error},
+            )
+            await self.queue.dead_letter(entry, entry.error)
+            return
+        if spec.job_id in self.active:
+            return
+        attempt, cancelled = await self.queue.begin_attempt(spec.job_id, self.id)
+        ctx = {"job_id": spec.job_id, "attempt": attempt, "worker_id": self.id}
+        if cancelled:
+            log.info("job was cancelled before it started", extra=ctx)
+            await self.queue.finish(entry.entry_id)
+            return
+        seq, text, tokens = (0, "", 0)
+        if attempt > 1:
+            seq, text, tokens = await replay_state(self.redis, self.keys, spec.job_id)
+            log.info("continuing job", extra={**ctx, "from_seq": seq, "from_tokens": tokens})
+        job = ActiveJob(entry.entry_id, spec, attempt, seq, tokens)
+        self.active[spec.job_id] = job
+        if attempt > MAX_ATTEMPTS:
+            self._emit(StepOutput(spec.job_id, tokens=tokens, finish_reason="error", error=JobError(
+                code="too_many_attempts", message=f"job failed on {MAX_ATTEMPTS} workers")))
+            return
+        self.engine.submit(
+            GenerationRequest(
+                request_id=spec.job_id,
+                messages=spec.messages,
+                sampling=spec.sampling,
+                resume_text=text,
+                resume_tokens=tokens,
+                return_prompt=spec.return_prompt and attempt == 1,
+            )
+        )
+        self._engine_wake.set()
+        log.debug("job started", extra=ctx)
+
+    # --- engine thread ---------------------------------------------------------------------
+    def _engine_main(self) -> None:
+        while not self._stop_engine.is_set():
+            if not self.engine.has_work():
+                self._engine_wake.wait(0.1)
+                self._engine_wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception:  # noqa: BLE001 - a broken step must not kill the worker silently
+                log.exception("engine step failed", extra={"worker_id": self.id})
+                outputs = [
+                    StepOutput(jid, finish_reason="error", error=JobError(
+                        code="engine_error", message="the worker's engine failed"))
+                    for jid in list(self.active)
+                ]
+                time.sleep(0.1)
+            for out in outputs:
+                self._emit(out)
+
+    def _emit(self, out: StepOutput) -> None:
+        """Coalesce an engine output into the job's pending event (any thread)."""
+        with self._pending_lock:
+            self._pending.setdefault(out.request_id, Pending()).merge(out)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._dirty.set)
+
+    # --- publisher -------------------------------------------------------------------------
+    async def _publish_loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            with self._pending_lock:
+                taken, self._pending = self._pending, {}
+            try:
+                await self._publish(taken)
+            except (*REDIS_ERRORS, RedisError) as exc:
+                log.warning("redis unavailable: publish", extra={"error": str(exc)})
+                self._restore(taken)
+                await asyncio.sleep(0.2)
+                self._dirty.set()
+
+    def _restore(self, taken: dict[str, Pending]) -> None:
+        """Put unsent output back in front of anything produced since."""
+        with self._pending_lock:
+            for jid, old in taken.items():
+                newer = self._pending.get(jid)
+                if newer is not None:
+                    old.text += newer.text
+                    old.tokens = max(old.tokens, newer.tokens)
+                    old.finish_reason = newer.finish_reason or old.finish_reason
+                    old.error = newer.error or old.error
+                self._pending[jid] = old
+
+    async def _publish(self, taken: dict[str, Pending]) -> None:
+        batch: list[PendingPublish] = []
+        for jid, p in taken.items():
+            job = self.active.get(jid)
+            if job is None:
+                continue
+            usage = None
+            if p.finish_reason:
+                usage = Usage(prompt_tokens=p.prompt_tokens or job.prompt_tokens,
+                              completion_tokens=max(p.tokens, job.tokens))
+            event = TokenEvent.model_construct(
+                job_id=jid, seq=job.seq + 1, attempt=job.attempt, text=p.text,
+                tokens=max(p.tokens, job.tokens), finish_reason=p.finish_reason, usage=usage,
+                error=p.error, prompt=p.prompt, worker_id=self.id,
+            )
+            batch.append(PendingPublish(event, job.spec.reply_channel))
+        results = await self.writer.publish(batch)
+        now = time.monotonic()
+        for item, result in zip(batch, results, strict=True):
+            await self._after_publish(item.event, result, now, taken[item.event.job_id])
+
+    async def _after_publish(self, ev: TokenEvent, result: int, now: float, p: Pending) -> None:
+        job = self.active[ev.job_id]
+        ctx = {"job_id": ev.job_id, "attempt": ev.attempt, "worker_id": self.id}
+        if result == FENCED:
+            log.warning("job taken over by another worker: dropping it", extra=ctx)
+            self._drop(job)
+            await self._finish_local(job, ack=False)
+            return
+        if result == CANCELLED:
+            self._drop(job)
+            self._restore({ev.job_id: p})  # keep the text; the final "cancelled" event follows
+            return
+        self.stats.tokens += max(0, ev.tokens - job.tokens)
+        job.seq = ev.seq
+        job.tokens = ev.tokens
+        job.prompt_tokens = p.prompt_tokens or job.prompt_tokens
+        if ev.finish_reason:
+            await self._finish_local(job, ack=True)
+            log.info("job finished", extra={**ctx, "finish_reason": ev.finish_reason,
+                                            "tokens": ev.tokens})
+            return
+        if result == 0:  # DUPLICATE (stored by an earlier try) counts as heard
+            job.unheard_since = job.unheard_since or now
+            if now - job.unheard_since > self.settings.no_subscriber_timeout:
+                log.warning("no gateway listens to this job: dropping it", extra=ctx)
+                self._drop(job)
+        else:
+            job.unheard_since = None
+
+    def _drop(self, job: ActiveJob) -> None:
+        if not job.dropping:
+            job.dropping = True
+            self.engine.cancel(job.spec.job_id)
+            self._engine_wake.set()
+
+    async def _finish_local(self, job: ActiveJob, *, ack: bool) -> None:
+        self.active.pop(job.spec.job_id, None)
+        self._slot_free.set()
+        if ack:
+            await self.queue.finish(job.entry_id)
+
+    # --- heartbeat and control -------------------------------------------------------------
+    def info(self) -> WorkerInfo:
+        """This worker's registry entry."""
+        gpus, cpu = resource_snapshot(self.settings.device)
+        return WorkerInfo(
+            id=self.id, pid=os.getpid(), host=socket.gethostname(), model=self.engine.model_name,
+            device=self.settings.device, max_batch=self.engine.max_batch,
+            running=len(self.active), max_context=self.engine.max_context,
+            started_ms=self.started_ms, draining=self._draining.is_set(), gpus=gpus, cpu=cpu,
+            tokens_per_s=round(self.stats.tokens_per_s(), 1),
+        )
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            try:
+                await self.registry.heartbeat(self.info(), self.settings.worker_ttl)
+                await self.queue.touch(self.id, [j.entry_id for j in self.active.values()])
+            except (*REDIS_ERRORS, RedisError) as exc:
+                log.warning("redis unavailable: heartbeat", extra={"error": str(exc)})
+            await asyncio.sleep(self.settings.heartbeat_interval)
+
+    async def _control_loop(self) -> None:
+        while True:
+            client = make_pubsub_redis(self.settings.redis_url)
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.keys.control_channel)
+                while True:
+                    msg = await pubsub.get_message(timeout=1.0)
+                    if msg and msg["type"] == "message":
+                        self._on_control(msg["data"])
+            except (*REDIS_ERRORS, RedisError) as exc:
+                log.warning("redis unavailable: control channel", extra={"error": str(exc)})
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+                    await client.aclose()
+
+    def _on_control(self, data: bytes) -> None:
+        try:
+            msg = ControlMessage.unpack(data)
+        except Exception:  # noqa: BLE001
+            log.warning("ignored a malformed control message")
+            return
+        job = self.active.get(msg.job_id)
+        if msg.kind == "cancel" and job is not None:
+            log.info("cancel", extra={"job_id": msg.job_id, "worker_id": self.id})
+            self._drop(job)

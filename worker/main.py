@@ -1,0 +1,31 @@
+"""`chatstream worker`: build the engine, run the worker loop, drain on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from shared.logs import setup_logging
+from shared.settings import WorkerSettings
+from worker.factory import make_engine
+from worker.loop import Worker
+
+log = logging.getLogger("chatstream.worker")
+
+
+async def serve(settings: WorkerSettings) -> None:
+    """Run one worker until SIGTERM/SIGINT, then drain and return."""
+    engine = await asyncio.to_thread(make_engine, settings)
+    worker = Worker(settings, engine)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.drain)
+    await worker.run()
+
+
+def main(settings: WorkerSettings) -> int:
+    """Entry point of `chatstream worker`; exit code 0 after a graceful drain."""
+    setup_logging(settings.log_level, settings.log_format, component="worker")
+    asyncio.run(serve(settings))
+    return 0

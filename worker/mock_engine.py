@@ -1,0 +1,191 @@
+"""`--model mock`: no torch; text that is a pure function of the prompt and the token position.
+
+Token k of the reply to prompt P is a word picked by a hash of (P, k), so a continuation
+from position k (another worker taking over) produces exactly the rest of the same text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from shared.schemas import JobError
+from worker.engine_api import GenerationRequest, StepOutput
+
+WORDS = (
+    "the cluster streams tokens to many users at once while workers share one queue and "
+    "gateways relay every reply in order with no gap and no repeat so nothing is lost "
+    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi"
+).split()
+MOCK_CONTEXT = 32768
+
+
+def render_prompt(messages: list) -> str:
+    """The mock's chat template: one `role: content` line per message."""
+    return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
+
+
+def mock_token(prompt_digest: bytes, position: int) -> str:
+    """Token `position` (0-based) of the reply to the prompt with this digest."""
+    h = hashlib.blake2b(prompt_digest + position.to_bytes(8, "little"), digest_size=4).digest()
+    return WORDS[int.from_bytes(h, "little") % len(WORDS)] + " "
+
+
+def mock_reply(prompt: str, n_tokens: int) -> str:
+    """The first `n_tokens` tokens of the reply to `prompt` (for tests and benchmarks)."""
+    digest = hashlib.blake2b(prompt.encode(), digest_size=16).digest()
+    return "".join(mock_token(digest, k) for k in range(n_tokens))
+
+
+@dataclass
+class _Sequence:
+    request: GenerationRequest
+    digest: bytes
+    prompt: str
+    prompt_tokens: int
+    produced: int
+    started: float
+    text: str = ""
+    sent_prompt: bool = False
+
+
+class MockEngine:
+    """Engine protocol implementation at a set speed (`tokens_per_s` per sequence, 0 = max)."""
+
+    model_name = "mock"
+
+    def __init__(self, max_batch: int = 16, tokens_per_s: float = 0.0) -> None:
+        self.max_batch = max_batch
+        self.max_context = MOCK_CONTEXT
+        self.tokens_per_s = tokens_per_s
+        self._lock = threading.Lock()
+        self._inbox: deque[GenerationRequest] = deque()
+        self._cancelled: set[str] = set()
+        self._active: dict[str, _Sequence] = {}
+        self._wake = threading.Event()
+
+    def submit(self, request: GenerationRequest) -> None:
+        with self._lock:
+            self._inbox.append(request)
+        self._wake.set()
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            self._cancelled.add(request_id)
+        self._wake.set()
+
+    def has_work(self) -> bool:
+        return bool(self._active or self._inbox)
+
+    def close(self) -> None:
+        self._wake.set()
+
+    def _admit(self, out: list[StepOutput]) -> None:
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+            while self._inbox and len(self._active) < self.max_batch:
+                req = self._inbox.popleft()
+                prompt = render_prompt(req.messages)
+                seq = _Sequence(
+                    req,
+                    hashlib.blake2b(prompt.encode(), digest_size=16).digest(),
+                    prompt,
+                    len(prompt.split()),
+                    req.resume_tokens,
+                    time.monotonic(),
+                )
+                self._active[req.request_id] = seq
+            queued = [r for r in self._inbox if r.request_id in cancelled]
+            for req in queued:
+                self._inbox.remove(req)
+                out.append(StepOutput(req.request_id, finish_reason="cancelled"))
+        for rid in cancelled:
+            seq = self._active.pop(rid, None)
+            if seq:
+                out.append(self._output(seq, "", "cancelled"))
+
+    def _output(self, seq: _Sequence, text: str, finish: str | None) -> StepOutput:
+        prompt = None
+        if seq.request.return_prompt and not seq.sent_prompt:
+            prompt, seq.sent_prompt = seq.prompt, True
+        return StepOutput(
+            seq.request.request_id,
+            text=text,
+            tokens=seq.produced,
+            prompt_tokens=seq.prompt_tokens,
+            finish_reason=finish,
+            prompt=prompt,
+        )
+
+    def _due(self, seq: _Sequence, now: float) -> int:
+        if self.tokens_per_s <= 0:
+            return 1
+        elapsed_tokens = int((now - seq.started) * self.tokens_per_s) + 1
+        return max(0, seq.request.resume_tokens + elapsed_tokens - seq.produced)
+
+    def _sleep_until_due(self) -> None:
+        if self.tokens_per_s <= 0 or not self._active:
+            return
+        now = time.monotonic()
+        wait = min(
+            seq.started + (seq.produced - seq.request.resume_tokens) / self.tokens_per_s - now
+            for seq in self._active.values()
+        )
+        if wait > 0:
+            self._wake.wait(min(wait, 0.05))
+            self._wake.clear()
+
+    def step(self) -> list[StepOutput]:
+        out: list[StepOutput] = []
+        self._sleep_until_due()
+        self._admit(out)
+        now = time.monotonic()
+        for rid, seq in list(self._active.items()):
+            if seq.prompt_tokens >= self.max_context:
+                del self._active[rid]
+                out.append(self._context_error(seq))
+                continue
+            due = self._due(seq, now)
+            limit = seq.request.sampling.max_tokens
+            text = ""
+            finish = None
+            for _ in range(due):
+                if seq.produced >= limit:
+                    break
+                text += mock_token(seq.digest, seq.produced)
+                seq.produced += 1
+            if seq.produced >= limit:
+                finish = "length"
+            text, finish = self._apply_stop(seq, text, finish)
+            if text or finish:
+                out.append(self._output(seq, text, finish))
+            if finish:
+                del self._active[rid]
+        return out
+
+    def _apply_stop(self, seq: _Sequence, text: str, finish: str | None) -> tuple[str, str | None]:
+        stops = seq.request.sampling.stop
+        if not stops or not text:
+            return text, finish
+        before = len(seq.text)
+        seq.text += text
+        hits = [i for i in (seq.text.find(s, max(0, before - len(s))) for s in stops) if i >= 0]
+        if hits:
+            cut = min(hits)
+            return seq.text[before:cut] if cut > before else "", "stop"
+        return text, finish
+
+    def _context_error(self, seq: _Sequence) -> StepOutput:
+        msg = (
+            f"prompt is {seq.prompt_tokens} tokens but the model's context is "
+            f"{self.max_context} tokens"
+        )
+        return StepOutput(
+            seq.request.request_id,
+            prompt_tokens=seq.prompt_tokens,
+            finish_reason="error",
+            error=JobError(code="context_length_exceeded", message=msg, status=400),
+        )
