@@ -48,3 +48,13 @@ def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     from worker.demo_model import build_demo_model
 
     return build_demo_model(str(tmp_path_factory.mktemp("models")))
+
+
+@pytest.fixture
+def cluster(redis_url: str, key_prefix: str, tmp_path):  # noqa: ANN001, ANN201
+    """Start gateways and workers as real processes; all are stopped after the test."""
+    from tests.cluster import Cluster
+
+    procs = Cluster(redis_url, key_prefix, tmp_path)
+    yield procs
+    procs.stop()
