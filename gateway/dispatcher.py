@@ -18,7 +18,7 @@ from collections import deque
 from redis.exceptions import RedisError
 
 from shared.keys import Keys
-from shared.redis_client import REDIS_ERRORS, make_pubsub_redis
+from shared.redis_client import REDIS_ERRORS, make_pubsub_redis, reraise_if_cancelling
 from shared.schemas import TokenEvent
 
 log = logging.getLogger("chatstream.gateway")
@@ -99,6 +99,7 @@ class Dispatcher:
             except asyncio.CancelledError:
                 raise
             except (*REDIS_ERRORS, RedisError, TimeoutError) as exc:
+                reraise_if_cancelling()
                 if self.connected.is_set():
                     log.warning("pub/sub connection lost", extra={"error": str(exc)})
                 self.connected.clear()

@@ -2,11 +2,40 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+from collections.abc import Iterator
+from types import FrameType
+
 import uvicorn
 
 from gateway.app import create_app
 from shared.logs import setup_logging
 from shared.settings import GatewaySettings
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server, draining on SIGTERM/SIGINT and exiting 0 afterwards.
+
+    On the signal the gateway reports not ready (so a load balancer stops sending), refuses
+    new generations, and lets open streams finish for up to `--drain-timeout`.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        previous = {sig: signal.signal(sig, self.handle_exit)
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        state = getattr(self.config.app.state, "gateway", None)
+        if state is not None:
+            state.draining = True
+        super().handle_exit(sig, frame)
 
 
 def main(settings: GatewaySettings) -> int:
@@ -23,5 +52,5 @@ def main(settings: GatewaySettings) -> int:
         http="auto",
         lifespan="on",
     )
-    uvicorn.Server(config).run()
+    GatewayServer(config).run()
     return 0

@@ -14,7 +14,7 @@ import time
 from redis.exceptions import RedisError
 
 from gateway.errors import APIError, redis_unavailable
-from shared.redis_client import REDIS_ERRORS
+from shared.redis_client import REDIS_ERRORS, reraise_if_cancelling
 from shared.registry import WorkerRegistry
 from shared.schemas import WorkerInfo
 
@@ -49,6 +49,7 @@ class WorkerCache:
             self.redis_ok = True
             self.last_ok = time.monotonic()
         except (*REDIS_ERRORS, RedisError) as exc:
+            reraise_if_cancelling()
             if self.redis_ok:
                 log.warning("redis unreachable", extra={"error": str(exc)})
             self.redis_ok = False

@@ -1,5 +1,14 @@
 """Cluster-wide numbers for ops, read from Redis: the same for /admin/status, /metrics and
-`chatstream status`."""
+`chatstream status`.
+
+- `queue_depth`: requests waiting = `waiting_for_permit` (in the semaphore's line) +
+  `undelivered_jobs` (admitted and enqueued, not yet read by a worker).
+- `running`: generation permits held (leases of dead gateways are purged first).
+- `capacity`: the gateways' `--max-concurrent`, or when that is 0 the sum of the live,
+  not draining workers' `--max-batch` (what the gateways' admission uses).
+- `workers`: the live workers, sorted by id; one that missed its heartbeats for
+  `--worker-ttl` is gone from the list.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +25,7 @@ from shared.semaphore import RedisSemaphore
 async def cluster_status(
     redis: aioredis.Redis, keys: Keys, max_concurrent: int = 0
 ) -> dict[str, Any]:
-    """queue_depth (waiting for a permit + jobs no worker read), running, capacity, workers."""
+    """The status object (see the module docstring); raises the client's Redis errors."""
     held, waiting = await RedisSemaphore(redis, keys).counts()
     undelivered = await JobQueue(redis, keys).undelivered()
     live = await WorkerRegistry(redis, keys).live()

@@ -49,12 +49,14 @@ class RedisServer:
         appendonly: bool = True,
         password: str | None = None,
         host: str = "127.0.0.1",
+        appendfsync: str = "everysec",
     ) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = port or free_port(host)
         self.appendonly = appendonly
         self.password = password
+        self.appendfsync = appendfsync
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -72,7 +74,7 @@ class RedisServer:
             "--dir", str(self.data_dir.resolve()),
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "everysec",
+            "--appendfsync", self.appendfsync,
             "--daemonize", "no",
             "--loglevel", "warning",
         ]

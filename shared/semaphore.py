@@ -176,7 +176,7 @@ class RedisSemaphore:
     async def acquire(
         self,
         permit_id: str,
-        capacity: int,
+        capacity: int | Callable[[], int],
         max_waiters: int,
         timeout: float,  # noqa: ASYNC109 - a deadline for the whole wait, part of the API
         *,
@@ -184,6 +184,9 @@ class RedisSemaphore:
         on_position: Callable[[int], Any] | None = None,
     ) -> AcquireResult:
         """Wait in line until a permit is held (or the line is full: `rejected`).
+
+        `capacity` may be a callable, read again on every try: a cap derived from the live
+        workers then applies to requests already waiting, not only to newcomers.
 
         Raises SemaphoreTimeout after `timeout` seconds, having left the line. On cancellation
         (client gone) the permit id leaves the line (and gives up a permit granted by a call
@@ -193,7 +196,8 @@ class RedisSemaphore:
         last_position: int | None = None
         try:
             while True:
-                result = await self.try_acquire(permit_id, capacity, max_waiters)
+                cap = capacity() if callable(capacity) else capacity
+                result = await self.try_acquire(permit_id, cap, max_waiters)
                 if result.acquired or result.rejected:
                     return result
                 if on_position is not None and result.position != last_position:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
+from shared.schemas import ChatMessage, SamplingParams
 from shared.settings import WorkerSettings
-from worker.engine_api import Engine
+from worker.engine_api import Engine, GenerationRequest
 
 
 def make_engine(settings: WorkerSettings) -> Engine:
@@ -21,3 +24,15 @@ def make_engine(settings: WorkerSettings) -> Engine:
         dtype=settings.dtype,
         cache_dir=settings.model_cache_dir or None,
     )
+
+
+def warm_up(engine: Engine, timeout: float = 60.0) -> None:
+    """Run one short request so the first real one does not pay for lazy initialisation."""
+    engine.submit(GenerationRequest(
+        request_id="warm-up",
+        messages=[ChatMessage(role="user", content="warm up")],
+        sampling=SamplingParams(max_tokens=4, temperature=0.0),
+    ))
+    deadline = time.monotonic() + timeout
+    while engine.has_work() and time.monotonic() < deadline:
+        engine.step()

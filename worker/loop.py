@@ -29,7 +29,12 @@ from redis.exceptions import RedisError
 from shared.events import CANCELLED, FENCED, EventWriter, PendingPublish, replay_state
 from shared.jobqueue import JobEntry, JobQueue
 from shared.keys import Keys
-from shared.redis_client import REDIS_ERRORS, make_pubsub_redis, make_redis
+from shared.redis_client import (
+    REDIS_ERRORS,
+    make_pubsub_redis,
+    make_redis,
+    reraise_if_cancelling,
+)
 from shared.registry import WorkerRegistry
 from shared.schemas import ControlMessage, JobError, JobSpec, TokenEvent, Usage, WorkerInfo
 from shared.settings import WorkerSettings
@@ -109,6 +114,7 @@ class Worker:
         self._slot_free = asyncio.Event()
         self._draining = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
 
     # --- lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:
@@ -127,9 +133,12 @@ class Worker:
             await self._intake()
             await self._wait_drained()
         finally:
+            self._stopping = True
+            self._dirty.set()  # the publisher sends what is left, then sees _stopping
+            await asyncio.wait(tasks[2:], timeout=2)
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.wait(tasks, timeout=2)
             self._stop_engine.set()
             self._engine_wake.set()
             await asyncio.to_thread(engine_thread.join, 5)
@@ -164,6 +173,7 @@ class Worker:
             try:
                 return await func()
             except (*REDIS_ERRORS, RedisError) as exc:
+                reraise_if_cancelling()
                 log.warning(f"redis unavailable: {what}", extra={"error": str(exc)})
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
@@ -185,6 +195,7 @@ class Worker:
                 if not entries:
                     entries = await self.queue.read(self.id, free, block_ms=500)
             except (*REDIS_ERRORS, RedisError) as exc:
+                reraise_if_cancelling()
                 log.warning("redis unavailable: read jobs", extra={"error": str(exc)})
                 await asyncio.sleep(0.5)
                 continue
@@ -262,7 +273,7 @@ class Worker:
 
     # --- publisher -------------------------------------------------------------------------
     async def _publish_loop(self) -> None:
-        while True:
+        while not self._stopping:
             await self._dirty.wait()
             self._dirty.clear()
             with self._pending_lock:
@@ -270,6 +281,7 @@ class Worker:
             try:
                 await self._publish(taken)
             except (*REDIS_ERRORS, RedisError) as exc:
+                reraise_if_cancelling()
                 log.warning("redis unavailable: publish", extra={"error": str(exc)})
                 self._restore(taken)
                 await asyncio.sleep(0.2)
@@ -367,6 +379,7 @@ class Worker:
                 await self.registry.heartbeat(self.info(), self.settings.worker_ttl)
                 await self.queue.touch(self.id, [j.entry_id for j in self.active.values()])
             except (*REDIS_ERRORS, RedisError) as exc:
+                reraise_if_cancelling()
                 log.warning("redis unavailable: heartbeat", extra={"error": str(exc)})
             await asyncio.sleep(self.settings.heartbeat_interval)
 
@@ -381,6 +394,7 @@ class Worker:
                     if msg and msg["type"] == "message":
                         self._on_control(msg["data"])
             except (*REDIS_ERRORS, RedisError) as exc:
+                reraise_if_cancelling()
                 log.warning("redis unavailable: control channel", extra={"error": str(exc)})
                 await asyncio.sleep(0.5)
             finally:

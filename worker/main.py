@@ -8,7 +8,7 @@ import signal
 
 from shared.logs import setup_logging
 from shared.settings import WorkerSettings
-from worker.factory import make_engine
+from worker.factory import make_engine, warm_up
 from worker.loop import Worker
 
 log = logging.getLogger("chatstream.worker")
@@ -17,6 +17,7 @@ log = logging.getLogger("chatstream.worker")
 async def serve(settings: WorkerSettings) -> None:
     """Run one worker until SIGTERM/SIGINT, then drain and return."""
     engine = await asyncio.to_thread(make_engine, settings)
+    await asyncio.to_thread(warm_up, engine)
     worker = Worker(settings, engine)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

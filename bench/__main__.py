@@ -1,0 +1,76 @@
+"""`make bench`: run the benchmark scenarios, print a table, write JSON.
+
+Usage: python -m bench [--scenarios engine,e2e,relay,many] [--out bench/results/bench.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+SCENARIOS = ("engine", "e2e", "relay", "many")
+
+
+def _run(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    if name == "engine":
+        from bench.engine_bench import run_engine_bench
+
+        rows = run_engine_bench(model=args.model, new_tokens=args.new_tokens)
+        return [{"scenario": "engine", **row} for row in rows]
+    if name == "e2e":
+        from bench.e2e import run_e2e_bench
+
+        return run_e2e_bench(model=args.model, new_tokens=args.new_tokens)
+    if name == "relay":
+        from bench.relay import run_relay_bench
+
+        return run_relay_bench()
+    if name == "many":
+        from bench.relay import run_many_streams_bench
+
+        return run_many_streams_bench()
+    raise SystemExit(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}")
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    """A plain table with the union of the rows' columns."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns and k != "first_error"]
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--out", default="bench/results/bench.json")
+    args = parser.parse_args()
+    report: dict[str, Any] = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": psutil.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+        "scenarios": {},
+    }
+    for name in args.scenarios.split(","):
+        rows = _run(name.strip(), args)
+        report["scenarios"][name] = rows
+        print(f"\n== {name} ==\n{format_rows(rows)}", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
