@@ -20,7 +20,9 @@ BODY = {
 
 
 def run_e2e_bench(
-    model: str = "demo", new_tokens: int = 128, concurrency: tuple[int, ...] = (1, 16),
+    model: str = "demo",
+    new_tokens: int = 128,
+    concurrency: tuple[int, ...] = (1, 16),
     rounds: int = 3,
 ) -> list[dict[str, Any]]:
     """Best of `rounds` per concurrency, through real processes on a private Redis."""

@@ -1,0 +1,24 @@
+"""ChatStream Cluster: ChatStream's streaming chat API served by a cluster of GPU workers.
+
+`from chatstream_cluster import ChatStreamCluster` gives the library API for an app that keeps
+its own FastAPI server (gateway/library.py). It is imported lazily, so the `chatstream` command
+line (and the workers it starts) never loads the gateway's modules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["ChatStreamCluster", "GatewaySettings"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ChatStreamCluster":
+        from gateway.library import ChatStreamCluster
+
+        return ChatStreamCluster
+    if name == "GatewaySettings":
+        from shared.settings import GatewaySettings
+
+        return GatewaySettings
+    raise AttributeError(f"module 'chatstream_cluster' has no attribute {name!r}")

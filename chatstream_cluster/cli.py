@@ -29,34 +29,54 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
-    gw = sub.add_parser("gateway", help="run one stateless HTTP gateway", description=(
-        "Serve the OpenAI-compatible API and the ChatStream endpoints; jobs go to the workers "
-        "through Redis."))
+    gw = sub.add_parser(
+        "gateway",
+        help="run one stateless HTTP gateway",
+        description=(
+            "Serve the OpenAI-compatible API and the ChatStream endpoints; jobs go to the workers "
+            "through Redis."
+        ),
+    )
     add_settings_arguments(gw, GatewaySettings)
 
-    wk = sub.add_parser("worker", help="run one generation worker (one per GPU)", description=(
-        "Load a model, take jobs from Redis, generate with all active sequences batched, "
-        "publish tokens. SIGTERM drains: running jobs finish up to --drain-timeout."))
+    wk = sub.add_parser(
+        "worker",
+        help="run one generation worker (one per GPU)",
+        description=(
+            "Load a model, take jobs from Redis, generate with all active sequences batched, "
+            "publish tokens. SIGTERM drains: running jobs finish up to --drain-timeout."
+        ),
+    )
     add_settings_arguments(wk, WorkerSettings)
 
-    up = sub.add_parser("up", help="run a local cluster: Redis, workers and a gateway",
-                        description=(
-        "Start an embedded Redis (unless --redis-url is given), the workers (--workers auto: "
-        "one per visible CUDA device, else one on CPU) and a gateway; print the URL. "
-        "Accepts every gateway and worker flag and passes it on. Ctrl-C stops everything."))
+    up = sub.add_parser(
+        "up",
+        help="run a local cluster: Redis, workers and a gateway",
+        description=(
+            "Start an embedded Redis (unless --redis-url is given), the workers (--workers auto: "
+            "one per visible CUDA device, else one on CPU) and a gateway; print the URL. "
+            "Accepts every gateway and worker flag and passes it on. Ctrl-C stops everything."
+        ),
+    )
     add_settings_arguments(up, UpSettings)
 
-    st = sub.add_parser("status", help="show queue depth, running jobs and live workers",
-                        formatter_class=fmt)
+    st = sub.add_parser(
+        "status", help="show queue depth, running jobs and live workers", formatter_class=fmt
+    )
     add_settings_arguments(st, CommonSettings)
-    st.add_argument("--max-concurrent", type=int, default=0,
-                    help="the gateways' --max-concurrent, to report capacity (0 = derived)")
+    st.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=0,
+        help="the gateways' --max-concurrent, to report capacity (0 = derived)",
+    )
     st.add_argument("--json", action="store_true", help="print JSON for scripts")
     st.add_argument("--watch", action="store_true", help="refresh in place every --interval")
     st.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
 
-    hc = sub.add_parser("healthcheck", help="exit 0 when a gateway or a worker is healthy",
-                        formatter_class=fmt)
+    hc = sub.add_parser(
+        "healthcheck", help="exit 0 when a gateway or a worker is healthy", formatter_class=fmt
+    )
     add_settings_arguments(hc, CommonSettings)
     hc.add_argument("--url", default="", help="gateway URL to GET (e.g. .../healthz)")
     hc.add_argument("--worker-id", default="", help="worker id that must be live in Redis")

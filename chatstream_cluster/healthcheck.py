@@ -28,8 +28,9 @@ def main(settings: CommonSettings, args: argparse.Namespace) -> int:
             with urllib.request.urlopen(args.url, timeout=args.timeout) as resp:
                 return 0 if resp.status == 200 else 1
         if args.worker_id:
-            alive = asyncio.run(asyncio.wait_for(_worker_alive(settings, args.worker_id),
-                                                 args.timeout))
+            alive = asyncio.run(
+                asyncio.wait_for(_worker_alive(settings, args.worker_id), args.timeout)
+            )
             return 0 if alive else 1
     except Exception as exc:  # noqa: BLE001 - any failure is "unhealthy"
         print(f"unhealthy: {exc}", file=sys.stderr)

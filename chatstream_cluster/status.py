@@ -1,52 +1,106 @@
-"""`chatstream status`: queue depth, running, capacity and workers as a table or JSON."""
+"""`chatstream status`: queue depth, running, capacity and workers as a table or JSON.
+
+The numbers come from `shared.cluster_status`, the same code behind the gateways'
+`/admin/status` and `/metrics`. `--json` prints exactly the `/admin/status` object; `--watch`
+redraws the screen every `--interval` seconds until Ctrl-C (with `--json`, one object per
+refresh). Capacity: `--max-concurrent`, else `CHATSTREAM_MAX_CONCURRENT` from the environment
+(as the gateways read it), else the sum of the live workers' `--max-batch`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import sys
+import time
+
+from redis.exceptions import RedisError
 
 from shared.cluster_status import cluster_status
 from shared.keys import Keys
-from shared.redis_client import make_redis
+from shared.redis_client import REDIS_ERRORS, make_redis
 from shared.settings import CommonSettings
+
+CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen: each --watch refresh starts with it
 
 
 def render_table(status: dict) -> str:
     """The status as text: a summary line and one row per worker."""
     lines = [
-        f"queue_depth {status['queue_depth']}   running {status['running']}/"
-        f"{status['capacity']}   workers {len(status['workers'])}",
+        f"queue_depth {status['queue_depth']} (waiting for a permit "
+        f"{status['waiting_for_permit']}, not yet read by a worker "
+        f"{status['undelivered_jobs']})   running {status['running']}/{status['capacity']}"
+        f"   workers {len(status['workers'])}",
         "",
         f"{'ID':<28} {'PID':>7} {'HOST':<16} {'MODEL':<12} {'DEVICE':<8} {'RUN':>4} "
-        f"{'MAX':>4} {'TOK/S':>8} {'BEAT_S':>6}",
+        f"{'MAX':>4} {'TOK/S':>8} {'BEAT_S':>6}  STATE",
     ]
     for w in status["workers"]:
         lines.append(
             f"{w['id'][:28]:<28} {w['pid']:>7} {w['host'][:16]:<16} {w['model'][:12]:<12} "
-            f"{w['device']:<8} {w['running']:>4} {w['max_batch']:>4} {w['tokens_per_s']:>8} "
-            f"{w['last_heartbeat_s']:>6}"
+            f"{w['device'][:8]:<8} {w['running']:>4} {w['max_batch']:>4} "
+            f"{w['tokens_per_s']:>8} {w['last_heartbeat_s']:>6}  "
+            + ("draining" if w.get("draining") else "serving")
         )
+    if not status["workers"]:
+        lines.append("(no live worker)")
     return "\n".join(lines)
+
+
+def max_concurrent_of(args: argparse.Namespace) -> int:
+    """The gateways' --max-concurrent: the flag, else CHATSTREAM_MAX_CONCURRENT, else 0."""
+    if args.max_concurrent:
+        return args.max_concurrent
+    try:
+        return max(0, int(os.environ.get("CHATSTREAM_MAX_CONCURRENT", "0") or 0))
+    except ValueError:
+        return 0
 
 
 async def _run(settings: CommonSettings, args: argparse.Namespace) -> int:
     redis = make_redis(settings.redis_url)
     keys = Keys(settings.key_prefix)
+    max_concurrent = max_concurrent_of(args)
     try:
         while True:
-            status = await cluster_status(redis, keys, args.max_concurrent)
-            text = json.dumps(status, indent=2) if args.json else render_table(status)
-            if args.watch:
-                sys.stdout.write("\x1b[H\x1b[2J" + text + "\n")
-                sys.stdout.flush()
-                await asyncio.sleep(args.interval)
-                continue
-            print(text)
-            return 0
+            try:
+                status = await cluster_status(redis, keys, max_concurrent)
+                if args.json:
+                    text = json.dumps(status, indent=None if args.watch else 2)
+                else:
+                    text = render_table(status)
+            except (*REDIS_ERRORS, RedisError) as exc:
+                if not args.watch:
+                    raise
+                error = f"cannot reach Redis at {_safe_url(settings.redis_url)}: {exc}"
+                text = json.dumps({"error": error}) if args.json else error
+            if not args.watch:
+                print(text)
+                return 0
+            if args.json:
+                sys.stdout.write(text + "\n")
+            else:
+                stamp = time.strftime("%H:%M:%S")
+                sys.stdout.write(
+                    f"{CLEAR}chatstream status   {stamp}   every "
+                    f"{args.interval:g}s, Ctrl-C to stop\n\n{text}\n"
+                )
+            sys.stdout.flush()
+            await asyncio.sleep(max(0.1, args.interval))
     finally:
         await redis.aclose()
+
+
+def _safe_url(url: str) -> str:
+    """The Redis URL without its password."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = creds.split(":", 1)[0]
+    return f"{scheme}{sep}{user + ':***' if ':' in creds else user}@{host}"
 
 
 def main(settings: CommonSettings, args: argparse.Namespace) -> int:
@@ -54,6 +108,8 @@ def main(settings: CommonSettings, args: argparse.Namespace) -> int:
         return asyncio.run(_run(settings, args))
     except KeyboardInterrupt:
         return 0
-    except OSError as exc:
-        print(f"error: cannot reach Redis at {settings.redis_url}: {exc}", file=sys.stderr)
+    except (*REDIS_ERRORS, RedisError) as exc:
+        print(
+            f"error: cannot reach Redis at {_safe_url(settings.redis_url)}: {exc}", file=sys.stderr
+        )
         return 1

@@ -69,7 +69,9 @@ class Child:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            self.args, env={**os.environ, **self.env}, preexec_fn=die_with_parent,
+            self.args,
+            env={**os.environ, **self.env},
+            preexec_fn=die_with_parent,
             start_new_session=True,  # signals reach children only through `up`, in order
         )
         self.started_at = time.monotonic()
@@ -105,8 +107,13 @@ class LocalCluster:
         cli = [sys.executable, "-m", "chatstream_cluster.cli"]
         worker_values = {**fields_of(WorkerSettings, s), "redis_url": redis_url}
         for i, device in enumerate(worker_devices(s)):
-            env = settings_env({**worker_values, "device": device,
-                                "worker_id": f"{s.worker_id or socket.gethostname()}-{i}"})
+            env = settings_env(
+                {
+                    **worker_values,
+                    "device": device,
+                    "worker_id": f"{s.worker_id or socket.gethostname()}-{i}",
+                }
+            )
             self.children.append(Child(f"worker-{i}", [*cli, "worker"], env))
         gateway_values = {**fields_of(GatewaySettings, s), "redis_url": redis_url}
         self.children.append(Child("gateway", [*cli, "gateway"], settings_env(gateway_values)))
@@ -141,10 +148,12 @@ class LocalCluster:
                         child.restarts = 0
                     continue
                 if child.next_start == 0.0:
-                    delay = min(2.0 ** child.restarts, MAX_BACKOFF_S)
+                    delay = min(2.0**child.restarts, MAX_BACKOFF_S)
                     code = child.process.returncode if child.process else None
-                    log.warning("child died; restarting", extra={
-                        "child": child.name, "exit_code": code, "in_s": delay})
+                    log.warning(
+                        "child died; restarting",
+                        extra={"child": child.name, "exit_code": code, "in_s": delay},
+                    )
                     child.next_start = now + delay
                 elif now >= child.next_start:
                     child.restarts += 1
@@ -187,8 +196,9 @@ def main(settings: UpSettings) -> int:
         url = cluster.start()
         if not cluster.stopping.is_set():
             print(f"ChatStream Cluster is up: {url}", flush=True)
-            print(f"  OpenAI API: {url}/v1/chat/completions   status: {url}/admin/status",
-                  flush=True)
+            print(
+                f"  OpenAI API: {url}/v1/chat/completions   status: {url}/admin/status", flush=True
+            )
             cluster.supervise()
     finally:
         cluster.stop()

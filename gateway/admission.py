@@ -1,9 +1,13 @@
 """Admission: one permit of the cluster-wide Redis semaphore per job (permit id = job id).
 
-The cap is `--max-concurrent`, or when that is 0 the sum of the live workers' `--max-batch`.
-The waiting line holds at most `--max-queue` requests cluster-wide: a full line answers 429
-with Retry-After at once; a request that waits past `--queue-timeout` gets 503. This process
-refreshes the leases of the permits it holds; if it dies, they expire within the lease.
+The cap is `--max-concurrent`, or when that is 0 (the default) the sum of the live, not
+draining workers' `--max-batch`, read again on every try so that requests already waiting
+follow workers that join or leave. The waiting line (FIFO, shared by every gateway) holds at
+most `--max-queue` requests: a full line answers 429 with Retry-After at once; a request that
+waits past `--queue-timeout` gets 503 `queue_timeout`; a client that disconnects while waiting
+leaves the line at once (the request's task is cancelled and the semaphore's cancel path
+releases). This process refreshes the leases of the permits it holds every
+`--permit-lease` / 3 seconds; if it dies, they expire within the lease.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from redis.exceptions import RedisError
 from gateway.errors import APIError
 from gateway.metrics import REJECTED
 from gateway.workers import WorkerCache
-from shared.redis_client import REDIS_ERRORS
+from shared.redis_client import REDIS_ERRORS, reraise_if_cancelling
 from shared.semaphore import RedisSemaphore, SemaphoreTimeout
 from shared.settings import GatewaySettings
 
@@ -58,13 +62,14 @@ class Admission:
         try:
             result = await self.semaphore.acquire(
                 permit_id,
-                self.capacity(),
+                self.capacity,  # read on every try: the cap may follow the workers
                 self.settings.max_queue,
                 self.settings.queue_timeout,
             )
         except SemaphoreTimeout:
             self.held.discard(permit_id)
             REJECTED.labels(reason="queue_timeout").inc()
+            log.info("queue timeout", extra={"job_id": permit_id})
             raise APIError(
                 503,
                 f"waited {self.settings.queue_timeout:g}s in the queue without a free slot; "
@@ -78,6 +83,7 @@ class Admission:
         if result.rejected:
             self.held.discard(permit_id)
             REJECTED.labels(reason="queue_full").inc()
+            log.info("queue full: rejected", extra={"job_id": permit_id})
             raise APIError(
                 429,
                 f"the cluster is at capacity and its queue is full ({self.settings.max_queue} "
@@ -104,4 +110,5 @@ class Admission:
             try:
                 await self.semaphore.refresh(list(self.held))
             except (*REDIS_ERRORS, RedisError) as exc:
+                reraise_if_cancelling()
                 log.warning("permit refresh failed", extra={"error": str(exc)})

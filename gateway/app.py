@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from gateway.disconnect import ClientDisconnected
 from gateway.errors import install_error_handlers
-from gateway.routes import admin, health, openai
+from gateway.routes import admin, chatstream, health, openai
 from gateway.state import GatewayState
 from shared.settings import GatewaySettings
 
@@ -37,6 +37,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         return Response(status_code=499)
 
     app.include_router(openai.router)
+    app.include_router(chatstream.router)
     app.include_router(health.router)
     app.include_router(admin.router)
     return app

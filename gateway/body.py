@@ -14,8 +14,11 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     """The parsed body; 413 when too large, 415 when not JSON, 400 when not UTF-8 JSON."""
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if ctype not in ("application/json", "") and not ctype.endswith("+json"):
-        raise APIError(415, f"content type must be application/json, not {ctype!r}",
-                       code="unsupported_media_type")
+        raise APIError(
+            415,
+            f"content type must be application/json, not {ctype!r}",
+            code="unsupported_media_type",
+        )
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise APIError(413, f"request body exceeds {max_bytes} bytes", code="body_too_large")

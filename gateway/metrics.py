@@ -1,19 +1,23 @@
-"""Prometheus metrics of one gateway process.
+"""Prometheus metrics of one gateway process (served by `GET /metrics`).
 
 Counters and the TTFT histogram count this process's requests: sum them across gateways.
 The cluster gauges (queue depth, running, capacity, workers) are read from Redis at scrape
 time, so every gateway reports the same cluster-wide value: aggregate them with `max`, never
 `sum`, when several gateways are scraped (they carry the label `scope="cluster"` to say so).
+docs/operations.md lists every metric with its PromQL.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 QUEUE_DEPTH = Gauge(
-    "chatstream_queue_depth", "Requests waiting: for a permit plus jobs no worker has read.",
+    "chatstream_queue_depth",
+    "Requests waiting, cluster-wide: for a permit plus jobs no worker has read.",
     ["scope"], registry=REGISTRY,
 )
 RUNNING = Gauge(
@@ -24,8 +28,11 @@ CAPACITY = Gauge(
     registry=REGISTRY,
 )
 WORKERS = Gauge("chatstream_workers", "Live workers.", ["scope"], registry=REGISTRY)
+CLUSTER_GAUGES = (QUEUE_DEPTH, RUNNING, CAPACITY, WORKERS)
+
 REJECTED = Counter(
-    "chatstream_rejected_total", "Requests refused by admission.", ["reason"], registry=REGISTRY
+    "chatstream_rejected_total", "Requests refused by admission, by reason.", ["reason"],
+    registry=REGISTRY,
 )
 REQUESTS = Counter(
     "chatstream_requests_total", "Finished requests.", ["route", "status"], registry=REGISTRY
@@ -42,3 +49,11 @@ OPEN_STREAMS = Gauge(
 )
 for _reason in ("queue_full", "queue_timeout", "per_key_limit", "per_session_limit"):
     REJECTED.labels(reason=_reason)
+
+
+def set_cluster_gauges(status: dict[str, Any]) -> None:
+    """Copy a `shared.cluster_status` reading into the scope="cluster" gauges."""
+    QUEUE_DEPTH.labels(scope="cluster").set(status["queue_depth"])
+    RUNNING.labels(scope="cluster").set(status["running"])
+    CAPACITY.labels(scope="cluster").set(status["capacity"])
+    WORKERS.labels(scope="cluster").set(len(status["workers"]))

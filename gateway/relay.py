@@ -23,6 +23,7 @@ from gateway.disconnect import ClientDisconnected, run_until_disconnect
 from gateway.errors import APIError, redis_unavailable
 from gateway.metrics import OPEN_STREAMS, REQUESTS, TOKENS, TTFT
 from shared.events import read_events
+from shared.jobqueue import UNKNOWN
 from shared.redis_client import REDIS_ERRORS
 from shared.schemas import ChatMessage, JobError, JobSpec, SamplingParams, TokenEvent
 
@@ -57,10 +58,11 @@ class Generation:
         route: str,
         request_id: str = "",
         return_prompt: bool = False,
-        extra_permits: list[tuple[object, str]] | None = None,
+        resume: tuple[str, int] | None = None,
     ) -> None:
         self.state = state
-        self.job_id = uuid.uuid4().hex
+        self.job_id = resume[0] if resume else uuid.uuid4().hex
+        self.resuming = resume is not None
         self.request_id = request_id or self.job_id
         self.route = route
         self.messages = messages
@@ -77,7 +79,8 @@ class Generation:
         self.streamed = False  # some text reached the client
         self._entry_id: str | None = None
         self._inbox = None
-        self._next_seq = 1
+        self._next_seq = resume[1] + 1 if resume else 1
+        self._resume_floor = 0  # stored events up to here may end in a stale "cancelled"
         self._held: dict[int, TokenEvent] = {}
         self._ready: list[TokenEvent] = []
         self._first: TokenEvent | None = None
@@ -101,22 +104,21 @@ class Generation:
         st = self.state
         await st.workers.wait_for_worker(st.settings.no_worker_timeout)
         if st.draining:
-            raise APIError(503, "this gateway is shutting down; retry", code="draining",
-                           headers={"Retry-After": "1"})
+            raise APIError(
+                503,
+                "this gateway is shutting down; retry",
+                code="draining",
+                headers={"Retry-After": "1"},
+            )
         try:
             await st.admission.acquire(self.job_id)
             if not st.dispatcher.connected.is_set():
                 raise redis_unavailable()
             self._inbox = st.dispatcher.register(self.job_id)
-            spec = JobSpec(
-                job_id=self.job_id,
-                reply_channel=st.dispatcher.channel,
-                messages=self.messages,
-                sampling=self.sampling,
-                created_ms=int(time.time() * 1000),
-                return_prompt=self.return_prompt,
-            )
-            self._entry_id = await st.queue.enqueue(spec)
+            if self.resuming:
+                await self._resubmit()
+            else:
+                await self._enqueue()
         except (*REDIS_ERRORS, RedisError) as exc:
             log.warning("redis unavailable at admission", extra={**self.log_ctx, "error": str(exc)})
             raise redis_unavailable() from None
@@ -124,14 +126,57 @@ class Generation:
         deadline = time.monotonic() + st.settings.queue_timeout
         first = await self._next_event(deadline)
         if first is None:
-            raise APIError(503, "no worker took the job in time; retry later",
-                           code="queue_timeout", headers={"Retry-After": "5"})
+            raise APIError(
+                503,
+                "no worker took the job in time; retry later",
+                code="queue_timeout",
+                headers={"Retry-After": "5"},
+            )
         if first.finish_reason == "error" and not first.text:
             err = first.error or JobError(code="worker_error", message="generation failed")
             self.finish_reason, self.error = "error", err
-            raise APIError(err.status if 400 <= err.status < 600 else 500, err.message,
-                           code=err.code)
+            raise APIError(
+                err.status if 400 <= err.status < 600 else 500, err.message, code=err.code
+            )
         self._first = first
+
+    async def _enqueue(self) -> None:
+        st = self.state
+        spec = JobSpec(
+            job_id=self.job_id,
+            reply_channel=st.dispatcher.channel,
+            messages=self.messages,
+            sampling=self.sampling,
+            created_ms=int(time.time() * 1000),
+            return_prompt=self.return_prompt,
+        )
+        self._entry_id = await st.queue.enqueue(spec)
+
+    async def _resubmit(self) -> None:
+        """Continue a job a client resumes (Last-Event-ID): queue it again unless it finished."""
+        st = self.state
+        spec = await st.queue.stored_spec(self.job_id)
+        if spec is None:
+            raise APIError(
+                404,
+                "unknown or expired stream; start a new request",
+                code="stream_not_found",
+                param="Last-Event-ID",
+            )
+        stored = await read_events(st.redis, st.keys, self.job_id)
+        self._resume_floor = stored[-1].seq if stored else 0
+        spec = spec.model_copy(
+            update={"reply_channel": st.dispatcher.channel, "return_prompt": False}
+        )
+        result, self._entry_id = await st.queue.resubmit(spec)
+        if result == UNKNOWN:
+            raise APIError(
+                404,
+                "unknown or expired stream; start a new request",
+                code="stream_not_found",
+                param="Last-Event-ID",
+            )
+        self._inbox.mark_lost()  # read what is stored at once
 
     # --- events ----------------------------------------------------------------------------
     async def events(self) -> AsyncIterator[TokenEvent]:
@@ -165,6 +210,8 @@ class Generation:
     def _take(self, event: TokenEvent) -> None:
         if event.seq < self._next_seq or event.seq in self._held:
             return  # duplicate (repair and pub/sub both delivered it)
+        if event.finish_reason == "cancelled" and event.seq <= self._resume_floor:
+            event = event.model_copy(update={"finish_reason": None, "usage": None})
         self._held[event.seq] = event
         while self._next_seq in self._held:
             self._ready.append(self._held.pop(self._next_seq))
@@ -237,8 +284,12 @@ class Generation:
     def _error_event(self, code: str, message: str) -> TokenEvent:
         log.warning(message, extra=self.log_ctx)
         return TokenEvent(
-            job_id=self.job_id, seq=self._next_seq, attempt=0, tokens=self.tokens,
-            finish_reason="error", error=JobError(code=code, message=message, status=503),
+            job_id=self.job_id,
+            seq=self._next_seq,
+            attempt=0,
+            tokens=self.tokens,
+            finish_reason="error",
+            error=JobError(code=code, message=message, status=503),
         )
 
     # --- close -----------------------------------------------------------------------------
@@ -246,17 +297,22 @@ class Generation:
         """The ChatStream callback status of a generation that ran to its end."""
         return UNKNOWN_ERROR if self.finish_reason == "error" else SUCCESS
 
-    async def close(self, status: str) -> None:
-        """Clean up once; runs to completion even if the caller is cancelled."""
+    async def close(self, status: str, *, detail: str = "", label: str = "") -> None:
+        """Clean up once; runs to completion even if the caller is cancelled.
+
+        Hooks get `status`, with `,detail` appended when given (as ChatStream does); the
+        requests metric counts `label` (default: the status)."""
         if self._closed:
             return
         self._closed = True
-        task = asyncio.get_running_loop().create_task(self._cleanup(status))
+        if detail:
+            status = f"{status},{detail}"
+        task = asyncio.get_running_loop().create_task(self._cleanup(status, label or status))
         self.state.background.add(task)
         task.add_done_callback(self.state.background.discard)
         await asyncio.shield(task)
 
-    async def _cleanup(self, status: str) -> None:
+    async def _cleanup(self, status: str, label: str) -> None:
         st = self.state
         unfinished = self._entry_id is not None and self.finish_reason is None
         try:
@@ -268,9 +324,8 @@ class Generation:
             log.warning("could not cancel job", extra={**self.log_ctx, "error": str(exc)})
         st.dispatcher.unregister(self.job_id)
         await st.admission.release(self.job_id)
-        REQUESTS.labels(route=self.route, status=status).inc()
-        log.info("request closed", extra={**self.log_ctx, "status": status,
-                                          "tokens": self.tokens})
+        REQUESTS.labels(route=self.route, status=label.split(",")[0]).inc()
+        log.info("request closed", extra={**self.log_ctx, "status": status, "tokens": self.tokens})
         for hook in self.close_hooks:
             try:
                 await hook(self, status)
@@ -284,6 +339,11 @@ async def run_generation(gen: Generation, receive: Receive | None) -> None:
         await gen.start(receive)
     except ClientDisconnected:
         await gen.close(DISCONNECTED_BEFORE_STREAMING)
+        raise
+    except APIError as exc:
+        await gen.close(
+            UNKNOWN_ERROR, detail=exc.code or str(exc.status), label=f"http_{exc.status}"
+        )
         raise
     except BaseException:
         await gen.close(UNKNOWN_ERROR)

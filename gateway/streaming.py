@@ -37,8 +37,13 @@ class GenerationResponse(Response):
         async def stream(cancel: anyio.CancelScope) -> None:
             nonlocal status
             try:
-                await send({"type": "http.response.start", "status": self.status_code,
-                            "headers": self.raw_headers})
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": self.status_code,
+                        "headers": self.raw_headers,
+                    }
+                )
                 async for chunk in self.chunks:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     gen.streamed = True

@@ -27,6 +27,24 @@ return {attempt, cancelled and 1 or 0}
 """
 
 
+# Put a job back in the queue to continue it (a client resumed it). KEYS: meta, jobs stream.
+# ARGV: packed spec (with the resuming gateway's reply channel), job id, meta ttl.
+# Returns {0} unknown job, {1} finished (replay only), {2, entry id} queued again.
+_RESUBMIT = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {0} end
+local cancelled = redis.call('HGET', KEYS[1], 'cancel')
+if status == 'done' and not cancelled then return {1} end
+redis.call('HDEL', KEYS[1], 'cancel')
+redis.call('HSET', KEYS[1], 'status', 'queued', 'spec', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+local id = redis.call('XADD', KEYS[2], '*', 'spec', ARGV[1], 'job_id', ARGV[2])
+return {2, id}
+"""
+
+UNKNOWN, FINISHED, RESUBMITTED = 0, 1, 2
+
+
 @dataclass
 class JobEntry:
     """A job read from the stream; `spec` is None when the entry could not be decoded."""
@@ -53,6 +71,7 @@ class JobQueue:
         self.redis = redis
         self.keys = keys
         self._begin = redis.register_script(_BEGIN_ATTEMPT)
+        self._resubmit = redis.register_script(_RESUBMIT)
 
     async def ensure_group(self) -> None:
         """Create the stream and the consumer group if missing (idempotent)."""
@@ -67,18 +86,36 @@ class JobQueue:
         """Make the job visible to workers; returns the stream entry id."""
         meta = self.keys.job_meta(spec.job_id)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(meta, mapping={"attempt": 0, "status": "queued"})
+            pipe.hset(meta, mapping={"attempt": 0, "status": "queued", "spec": spec.pack()})
             pipe.expire(meta, META_TTL_S)
             pipe.xadd(self.keys.jobs, {"spec": spec.pack(), "job_id": spec.job_id})
             result = await pipe.execute()
         entry_id = result[-1]
         return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
 
+    async def stored_spec(self, job_id: str) -> JobSpec | None:
+        """The spec a job was enqueued with, while its meta hash lives."""
+        packed = await self.redis.hget(self.keys.job_meta(job_id), "spec")
+        return JobSpec.unpack(packed) if packed else None
+
+    async def resubmit(self, spec: JobSpec) -> tuple[int, str | None]:
+        """Queue a cancelled or unfinished job again so it continues where it stopped.
+
+        Returns (UNKNOWN | FINISHED | RESUBMITTED, entry id)."""
+        reply = await self._resubmit(
+            keys=[self.keys.job_meta(spec.job_id), self.keys.jobs],
+            args=[spec.pack(), spec.job_id, META_TTL_S],
+        )
+        entry = reply[1] if len(reply) > 1 else None
+        return int(reply[0]), entry.decode() if isinstance(entry, bytes) else entry
+
     async def cancel(self, job_id: str) -> None:
         """Tell the workers to stop a job: a flag they check, and a broadcast."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(self.keys.job_meta(job_id), "cancel", 1)
-            pipe.publish(self.keys.control_channel, ControlMessage(kind="cancel", job_id=job_id).pack())
+            pipe.publish(
+                self.keys.control_channel, ControlMessage(kind="cancel", job_id=job_id).pack()
+            )
             await pipe.execute()
 
     async def withdraw(self, entry_id: str) -> int:
@@ -123,9 +160,7 @@ class JobQueue:
     async def touch(self, consumer: str, entry_ids: list[str]) -> None:
         """Reset the idle time of our running jobs so nobody reclaims them."""
         if entry_ids:
-            await self.redis.xclaim(
-                self.keys.jobs, JOBS_GROUP, consumer, 0, entry_ids, justid=True
-            )
+            await self.redis.xclaim(self.keys.jobs, JOBS_GROUP, consumer, 0, entry_ids, justid=True)
 
     async def begin_attempt(self, job_id: str, worker_id: str) -> tuple[int, bool]:
         """Bump the job's fence; returns (attempt, cancelled)."""

@@ -53,7 +53,9 @@ def setup_logging(level: str = "info", fmt: str = "auto", component: str = "") -
         handler.setFormatter(JsonFormatter())
     else:
         prefix = f"[{component}] " if component else ""
-        handler.setFormatter(TextFormatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(
+            TextFormatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s")
+        )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

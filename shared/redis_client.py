@@ -13,7 +13,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
-def make_redis(url: str, *, max_connections: int = 256, socket_timeout: float = 5.0) -> aioredis.Redis:
+def make_redis(
+    url: str, *, max_connections: int = 256, socket_timeout: float = 5.0
+) -> aioredis.Redis:
     """An asyncio client with bounded retries, so a Redis outage fails fast instead of hanging.
 
     Passwords and TLS come from the URL (`redis://:pw@host:6379/0`, `rediss://...`).

@@ -36,7 +36,9 @@ class CommonSettings(BaseSettings):
     key_prefix: str = Field(
         "chatstream", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Prefix of every Redis key."
     )
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level."
+    )
     log_format: Literal["auto", "json", "text"] = Field(
         "auto", description="Log format; auto = JSON unless stderr is a terminal."
     )
@@ -82,7 +84,9 @@ class GatewaySettings(CommonSettings):
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0 = any free port).")
     max_concurrent: int = Field(
-        0, ge=0, description="Cluster-wide cap on running generations; 0 = sum of live workers' "
+        0,
+        ge=0,
+        description="Cluster-wide cap on running generations; 0 = sum of live workers' "
         "--max-batch.",
     )
     max_queue: int = Field(64, ge=0, description="Most requests waiting for a permit (cluster).")

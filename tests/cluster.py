@@ -80,14 +80,22 @@ class Cluster:
         self.procs: list[Proc] = []
 
     def _spawn(self, name: str, command: str, settings: dict[str, Any], port: int = 0) -> Proc:
-        values = {"redis_url": self.redis_url, "key_prefix": self.key_prefix,
-                  "log_format": "json", "log_level": "info", **settings}
+        values = {
+            "redis_url": self.redis_url,
+            "key_prefix": self.key_prefix,
+            "log_format": "json",
+            "log_level": "info",
+            **settings,
+        }
         env = {**os.environ, **settings_env(values), "HF_HUB_OFFLINE": "1"}
         log_path = self.tmp_path / f"{name}-{len(self.procs)}.log"
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "chatstream_cluster.cli", command],
-                env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                env=env,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 preexec_fn=die_with_parent,
             )
         proc = Proc(name, process, log_path, port, values)
@@ -97,8 +105,11 @@ class Cluster:
     def start_worker(self, model: str = "mock", **settings: Any) -> Proc:
         """A worker; returns once it is in the registry."""
         worker_id = settings.pop("worker_id", f"w{len(self.procs)}-{os.getpid()}")
-        proc = self._spawn("worker", "worker", {"model": model, "worker_id": worker_id,
-                                                "heartbeat_interval": 0.2, **settings})
+        proc = self._spawn(
+            "worker",
+            "worker",
+            {"model": model, "worker_id": worker_id, "heartbeat_interval": 0.2, **settings},
+        )
         proc.settings["worker_id"] = worker_id
         return proc
 

@@ -98,7 +98,8 @@ class Worker:
         self.settings = settings
         self.engine = engine
         self.keys = Keys(settings.key_prefix)
-        self.id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        suffix = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.id = settings.worker_id or f"{socket.gethostname()}-{suffix}"
         self.redis = make_redis(settings.redis_url)
         self.queue = JobQueue(self.redis, self.keys)
         self.writer = EventWriter(self.redis, self.keys, settings.event_stream_ttl)
@@ -115,6 +116,7 @@ class Worker:
         self._draining = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
+        self._deferred: dict[str, JobEntry] = {}
 
     # --- lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:
@@ -214,6 +216,8 @@ class Worker:
             await self.queue.dead_letter(entry, entry.error)
             return
         if spec.job_id in self.active:
+            # A resumed job whose earlier attempt is still leaving this worker: start it after.
+            self._deferred[spec.job_id] = entry
             return
         attempt, cancelled = await self.queue.begin_attempt(spec.job_id, self.id)
         ctx = {"job_id": spec.job_id, "attempt": attempt, "worker_id": self.id}
@@ -273,67 +277,79 @@ class Worker:
 
     # --- publisher -------------------------------------------------------------------------
     async def _publish_loop(self) -> None:
-        while not self._stopping:
-            await self._dirty.wait()
-            self._dirty.clear()
-            with self._pending_lock:
-                taken, self._pending = self._pending, {}
+        """Publish coalesced output; a failed round is retried verbatim (same seqs, same text)
+        before anything newer, so a write that reached Redis but not its reply is neither
+        lost nor changed (the retry finds it stored: DUPLICATE)."""
+        retry: list[tuple[PendingPublish, Pending]] = []
+        while not self._stopping or retry:
+            if not retry:
+                await self._dirty.wait()
+                self._dirty.clear()
+                with self._pending_lock:
+                    taken, self._pending = self._pending, {}
+                retry = self._build_batch(taken)
             try:
-                await self._publish(taken)
+                results = await self.writer.publish([item for item, _ in retry])
             except (*REDIS_ERRORS, RedisError) as exc:
                 reraise_if_cancelling()
                 log.warning("redis unavailable: publish", extra={"error": str(exc)})
-                self._restore(taken)
+                if self._stopping:
+                    return
                 await asyncio.sleep(0.2)
-                self._dirty.set()
+                continue
+            batch, retry = retry, []
+            now = time.monotonic()
+            for (item, pending), result in zip(batch, results, strict=True):
+                await self._after_publish(item.event, result, now, pending)
 
-    def _restore(self, taken: dict[str, Pending]) -> None:
-        """Put unsent output back in front of anything produced since."""
-        with self._pending_lock:
-            for jid, old in taken.items():
-                newer = self._pending.get(jid)
-                if newer is not None:
-                    old.text += newer.text
-                    old.tokens = max(old.tokens, newer.tokens)
-                    old.finish_reason = newer.finish_reason or old.finish_reason
-                    old.error = newer.error or old.error
-                self._pending[jid] = old
-
-    async def _publish(self, taken: dict[str, Pending]) -> None:
-        batch: list[PendingPublish] = []
+    def _build_batch(self, taken: dict[str, Pending]) -> list[tuple[PendingPublish, Pending]]:
+        """One event per job with the next seq number of that job."""
+        batch = []
         for jid, p in taken.items():
             job = self.active.get(jid)
             if job is None:
                 continue
+            tokens = max(p.tokens, job.tokens)
             usage = None
             if p.finish_reason:
                 usage = Usage(prompt_tokens=p.prompt_tokens or job.prompt_tokens,
-                              completion_tokens=max(p.tokens, job.tokens))
+                              completion_tokens=tokens)
+            job.seq += 1
             event = TokenEvent.model_construct(
-                job_id=jid, seq=job.seq + 1, attempt=job.attempt, text=p.text,
-                tokens=max(p.tokens, job.tokens), finish_reason=p.finish_reason, usage=usage,
-                error=p.error, prompt=p.prompt, worker_id=self.id,
+                job_id=jid, seq=job.seq, attempt=job.attempt, text=p.text, tokens=tokens,
+                finish_reason=p.finish_reason, usage=usage, error=p.error, prompt=p.prompt,
+                worker_id=self.id,
             )
-            batch.append(PendingPublish(event, job.spec.reply_channel))
-        results = await self.writer.publish(batch)
-        now = time.monotonic()
-        for item, result in zip(batch, results, strict=True):
-            await self._after_publish(item.event, result, now, taken[item.event.job_id])
+            batch.append((PendingPublish(event, job.spec.reply_channel), p))
+        return batch
+
+    def _restore(self, jid: str, old: Pending) -> None:
+        """Put output that was not written back in front of anything produced since."""
+        with self._pending_lock:
+            newer = self._pending.get(jid)
+            if newer is not None:
+                old.text += newer.text
+                old.tokens = max(old.tokens, newer.tokens)
+                old.finish_reason = newer.finish_reason or old.finish_reason
+                old.error = newer.error or old.error
+            self._pending[jid] = old
 
     async def _after_publish(self, ev: TokenEvent, result: int, now: float, p: Pending) -> None:
-        job = self.active[ev.job_id]
+        job = self.active.get(ev.job_id)
+        if job is None:
+            return
         ctx = {"job_id": ev.job_id, "attempt": ev.attempt, "worker_id": self.id}
         if result == FENCED:
             log.warning("job taken over by another worker: dropping it", extra=ctx)
             self._drop(job)
             await self._finish_local(job, ack=False)
             return
-        if result == CANCELLED:
+        if result == CANCELLED:  # not written: its seq is free again, its text kept
+            job.seq = ev.seq - 1
             self._drop(job)
-            self._restore({ev.job_id: p})  # keep the text; the final "cancelled" event follows
+            self._restore(ev.job_id, p)  # the final "cancelled" event carries it
             return
         self.stats.tokens += max(0, ev.tokens - job.tokens)
-        job.seq = ev.seq
         job.tokens = ev.tokens
         job.prompt_tokens = p.prompt_tokens or job.prompt_tokens
         if ev.finish_reason:
@@ -360,6 +376,9 @@ class Worker:
         self._slot_free.set()
         if ack:
             await self.queue.finish(job.entry_id)
+        deferred = self._deferred.pop(job.spec.job_id, None)
+        if deferred is not None:
+            await self._start_job(deferred)
 
     # --- heartbeat and control -------------------------------------------------------------
     def info(self) -> WorkerInfo:

@@ -6,6 +6,7 @@ know; known fields are validated and a bad one is a 400 that names it.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
@@ -87,20 +88,36 @@ class ChatCompletionRequest(BaseModel):
 def _limits(req: ChatCompletionRequest, state: GatewayState) -> None:
     s = state.settings
     if len(req.messages) > s.max_messages:
-        raise APIError(400, f"at most {s.max_messages} messages are allowed",
-                       code="too_many_messages", param="messages")
+        raise APIError(
+            400,
+            f"at most {s.max_messages} messages are allowed",
+            code="too_many_messages",
+            param="messages",
+        )
     for i, msg in enumerate(req.messages):
         text = msg.to_chat().content
         if len(text) > s.max_message_chars:
-            raise APIError(400, f"message {i} is longer than {s.max_message_chars} characters",
-                           code="message_too_long", param=f"messages.{i}.content")
+            raise APIError(
+                400,
+                f"message {i} is longer than {s.max_message_chars} characters",
+                code="message_too_long",
+                param=f"messages.{i}.content",
+            )
     stops = req.stop or []
     if len(stops) > s.max_stop:
-        raise APIError(400, f"at most {s.max_stop} stop strings are allowed",
-                       code="too_many_stop", param="stop")
+        raise APIError(
+            400,
+            f"at most {s.max_stop} stop strings are allowed",
+            code="too_many_stop",
+            param="stop",
+        )
     if any(len(x) > s.max_stop_chars for x in stops):
-        raise APIError(400, f"stop strings may be at most {s.max_stop_chars} characters",
-                       code="stop_too_long", param="stop")
+        raise APIError(
+            400,
+            f"stop strings may be at most {s.max_stop_chars} characters",
+            code="stop_too_long",
+            param="stop",
+        )
 
 
 def sampling_from(req: ChatCompletionRequest, state: GatewayState) -> SamplingParams:
@@ -109,8 +126,12 @@ def sampling_from(req: ChatCompletionRequest, state: GatewayState) -> SamplingPa
     max_tokens = req.max_completion_tokens or req.max_tokens or s.default_max_tokens
     if max_tokens > s.max_tokens_limit:
         param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
-        raise APIError(400, f"{param} may be at most {s.max_tokens_limit}",
-                       code="max_tokens_too_large", param=param)
+        raise APIError(
+            400,
+            f"{param} may be at most {s.max_tokens_limit}",
+            code="max_tokens_too_large",
+            param=param,
+        )
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
@@ -126,8 +147,30 @@ def resolve_model(requested: str, state: GatewayState) -> str:
     served = state.served_models()
     if requested in served or not state.workers.serving:  # no worker: start() answers 503
         return requested
-    raise APIError(404, f"model {requested!r} does not exist; available: {', '.join(served)}",
-                   code="model_not_found", param="model")
+    raise APIError(
+        404,
+        f"model {requested!r} does not exist; available: {', '.join(served)}",
+        code="model_not_found",
+        param="model",
+    )
+
+
+_EVENT_ID = re.compile(r"^([0-9a-f]{32}):([0-9]{1,9})$")
+
+
+def parse_last_event_id(value: str | None) -> tuple[str, int] | None:
+    """`<job id>:<seq>` from an SSE Last-Event-ID header; 400 when malformed."""
+    if not value:
+        return None
+    match = _EVENT_ID.match(value.strip())
+    if not match:
+        raise APIError(
+            400,
+            "Last-Event-ID must be '<stream id>:<event number>' as sent in the stream's id: lines",
+            code="invalid_last_event_id",
+            param="Last-Event-ID",
+        )
+    return match.group(1), int(match.group(2))
 
 
 def _finish(reason: str | None) -> str | None:
@@ -153,14 +196,20 @@ async def _sse(gen: Generation, model: str, include_usage: bool) -> AsyncIterato
         body = {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
         return b"id: %s:%d\ndata: %s\n\n" % (gen.job_id.encode(), seq, dumps(body))
 
-    yield chunk({"role": "assistant", "content": ""}, None, 0)
+    if not gen.resuming:
+        yield chunk({"role": "assistant", "content": ""}, None, 0)
     async for ev in gen.events():
         if ev.finish_reason == "error":
             err = ev.error
             if ev.text:
                 yield chunk({"content": ev.text}, None, ev.seq)
-            payload = {"error": {"message": err.message if err else "generation failed",
-                                 "type": "server_error", "code": err.code if err else None}}
+            payload = {
+                "error": {
+                    "message": err.message if err else "generation failed",
+                    "type": "server_error",
+                    "code": err.code if err else None,
+                }
+            }
             yield b"data: %s\n\n" % dumps(payload)
             break
         if ev.text:
@@ -177,18 +226,23 @@ async def _collect(gen: Generation, model: str) -> dict[str, Any]:
     async for ev in gen.events():
         if ev.finish_reason == "error":
             err = ev.error
-            raise APIError(err.status if err else 500, err.message if err else "generation failed",
-                           code=err.code if err else "worker_error")
+            raise APIError(
+                err.status if err else 500,
+                err.message if err else "generation failed",
+                code=err.code if err else "worker_error",
+            )
     return {
         "id": "chatcmpl-" + gen.job_id,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": gen.text},
-            "finish_reason": _finish(gen.finish_reason),
-        }],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": gen.text},
+                "finish_reason": _finish(gen.finish_reason),
+            }
+        ],
         "usage": _usage(gen),
     }
 
@@ -202,19 +256,30 @@ async def chat_completions(request: Request) -> Any:
     _limits(req, state)
     sampling = sampling_from(req, state)
     model = resolve_model(req.model, state)
+    resume = parse_last_event_id(request.headers.get("last-event-id"))
+    if resume and not req.stream:
+        raise APIError(
+            400,
+            "Last-Event-ID resumes streams only; set stream: true",
+            code="invalid_last_event_id",
+            param="Last-Event-ID",
+        )
     gen = Generation(
         state,
         [m.to_chat() for m in req.messages],
         sampling,
         route="openai",
         request_id=request.headers.get("x-request-id", ""),
+        resume=resume,
     )
     await run_generation(gen, request.receive)
     headers = {"X-Request-ID": gen.request_id}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return GenerationResponse(
-            gen, _sse(gen, model, include_usage), "text/event-stream",
+            gen,
+            _sse(gen, model, include_usage),
+            "text/event-stream",
             headers={**SSE_HEADERS, **headers},
         )
     try:

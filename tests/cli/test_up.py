@@ -23,16 +23,38 @@ def up(tmp_path):  # noqa: ANN001, ANN201
     port = free_port()
     log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "chatstream_cluster.cli", "up", "--model", "mock",
-         "--port", str(port), "--data-dir", str(tmp_path / "data"), "--workers", "2",
-         "--mock-tokens-per-s", "100", "--heartbeat-interval", "0.2", "--worker-ttl", "1"],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "chatstream_cluster.cli",
+            "up",
+            "--model",
+            "mock",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--workers",
+            "2",
+            "--mock-tokens-per-s",
+            "100",
+            "--heartbeat-interval",
+            "0.2",
+            "--worker-ttl",
+            "1",
+        ],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         env={**os.environ, "CHATSTREAM_LOG_FORMAT": "text"},
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: b"is up: " + url.encode() in (tmp_path / "up.log").read_bytes(),
-                   60, what="the URL to be printed")
+        wait_until(
+            lambda: b"is up: " + url.encode() in (tmp_path / "up.log").read_bytes(),
+            60,
+            what="the URL to be printed",
+        )
         yield proc, url, tmp_path
     finally:
         if proc.poll() is None:
@@ -64,9 +86,16 @@ def test_up_serves_and_stops_with_no_leftover_process(up) -> None:  # noqa: ANN0
     assert (tmp_path / "data" / "redis").is_dir()  # append-only data folder
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(40) == 0
-    wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status()
-                               != psutil.STATUS_ZOMBIE for p in children), 10,
-               what="every child to exit")
+    wait_until(
+        lambda: (
+            not any(
+                psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                for p in children
+            )
+        ),
+        10,
+        what="every child to exit",
+    )
 
 
 def test_up_restarts_a_dead_worker_and_keeps_serving(up) -> None:  # noqa: ANN001
@@ -81,6 +110,8 @@ def test_up_restarts_a_dead_worker_and_keeps_serving(up) -> None:  # noqa: ANN00
     assert reply.usage.completion_tokens == 5
     wait_until(
         lambda: any(w["id"] == victim["id"] and w["pid"] != victim["pid"] for w in _workers(url)),
-        30, interval=0.2, what="the worker to be restarted",
+        30,
+        interval=0.2,
+        what="the worker to be restarted",
     )
     assert proc.poll() is None

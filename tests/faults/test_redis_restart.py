@@ -30,8 +30,11 @@ def own_cluster(own_redis, key_prefix, tmp_path):  # noqa: ANN001, ANN201
 
 
 def _chat(url: str, timeout: float = 10) -> httpx.Response:
-    return httpx.post(url + "/v1/chat/completions", timeout=timeout, json={
-        "model": "mock", "messages": [{"role": "user", "content": "ping"}], "max_tokens": 3})
+    return httpx.post(
+        url + "/v1/chat/completions",
+        timeout=timeout,
+        json={"model": "mock", "messages": [{"role": "user", "content": "ping"}], "max_tokens": 3},
+    )
 
 
 def test_redis_crash_fails_fast_then_everything_resumes(own_redis, own_cluster) -> None:  # noqa: ANN001
@@ -43,7 +46,11 @@ def test_redis_crash_fails_fast_then_everything_resumes(own_redis, own_cluster) 
     readers = [StreamReader(gateway.url, f"before crash {i}", 40) for i in range(3)]
     for r in readers:
         r.start()
-    assert readers[0].started_text.wait(15) or readers[1].started_text.wait(15)
+    wait_until(
+        lambda: httpx.get(gateway.url + "/admin/status").json()["undelivered_jobs"] == 2,
+        15,
+        what="one job running and two queued",
+    )
     own_redis.kill()
 
     started = time.monotonic()
@@ -53,8 +60,12 @@ def test_redis_crash_fails_fast_then_everything_resumes(own_redis, own_cluster) 
     assert "redis" in resp.json()["error"]["message"].lower()
 
     own_redis.restart()
-    wait_until(lambda: _chat(gateway.url).status_code == 200, 30, interval=0.5,
-               what="a new request to succeed after the restart")
+    wait_until(
+        lambda: _chat(gateway.url).status_code == 200,
+        30,
+        interval=0.5,
+        what="a new request to succeed after the restart",
+    )
     for r in readers:
         assert r.done.wait(60)
         assert r.errors == [], r.errors

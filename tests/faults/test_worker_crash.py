@@ -44,12 +44,24 @@ class StreamReader(threading.Thread):
         self.started_text = threading.Event()
 
     def run(self) -> None:
-        body = {"model": "mock", "messages": [{"role": "user", "content": self.content}],
-                "stream": True, "max_tokens": self.max_tokens}
+        body = {
+            "model": "mock",
+            "messages": [{"role": "user", "content": self.content}],
+            "stream": True,
+            "max_tokens": self.max_tokens,
+        }
         try:
-            with httpx.stream("POST", self.url + "/v1/chat/completions", json=body,
-                              timeout=60) as resp:
+            with httpx.stream(
+                "POST", self.url + "/v1/chat/completions", json=body, timeout=60
+            ) as resp:
                 self.status = resp.status_code
+                if resp.status_code != 200:
+                    self.errors.append(
+                        {
+                            "code": str(resp.status_code),
+                            "message": resp.read().decode(errors="replace"),
+                        }
+                    )
                 for line in resp.iter_lines():
                     if line.startswith("id: "):
                         self.ids.append(line[4:])
@@ -135,8 +147,13 @@ def test_paused_worker_late_writes_are_fenced(cluster) -> None:  # noqa: ANN001
     os.kill(a.pid, signal.SIGSTOP)  # alive but silent: its job is taken over
     try:
         b = cluster.start_worker("mock", **FAST_TAKEOVER)
-        wait_until(lambda: b.settings["worker_id"] in job_owner(
-            cluster.redis_url, cluster.key_prefix).values(), 20, what="takeover")
+        wait_until(
+            lambda: (
+                b.settings["worker_id"] in job_owner(cluster.redis_url, cluster.key_prefix).values()
+            ),
+            20,
+            what="takeover",
+        )
     finally:
         os.kill(a.pid, signal.SIGCONT)  # its stale attempt now tries to write
     assert reader.done.wait(40)
@@ -179,10 +196,13 @@ def test_client_disconnect_mid_stream_stops_generation_within_1s(cluster) -> Non
     cluster.start_worker("mock", mock_tokens_per_s=20)
     gateway = cluster.start_gateway()
     cluster.wait_ready(gateway)
-    body = {"model": "mock", "messages": [{"role": "user", "content": "leave"}],
-            "stream": True, "max_tokens": 500}
-    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body,
-                      timeout=30) as resp:
+    body = {
+        "model": "mock",
+        "messages": [{"role": "user", "content": "leave"}],
+        "stream": True,
+        "max_tokens": 500,
+    }
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body, timeout=30) as resp:
         job_id = None
         for line in resp.iter_lines():
             if line.startswith("id: ") and not line.endswith(":0"):
@@ -190,8 +210,15 @@ def test_client_disconnect_mid_stream_stops_generation_within_1s(cluster) -> Non
                 break
     left = time.monotonic()
     assert job_id
-    ev = wait_until(lambda: (e := last_event(cluster.redis_url, cluster.key_prefix, job_id))
-                    and e.finish_reason and e, 5, what="cancelled final event")
+    ev = wait_until(
+        lambda: (
+            (e := last_event(cluster.redis_url, cluster.key_prefix, job_id))
+            and e.finish_reason
+            and e
+        ),
+        5,
+        what="cancelled final event",
+    )
     assert ev.finish_reason == "cancelled"
     assert time.monotonic() - left < 1.5
     assert ev.tokens < 100
@@ -207,10 +234,20 @@ def test_killed_gateway_stops_generation_and_frees_permit(cluster) -> None:  # n
     job_id = next(iter(job_owner(cluster.redis_url, cluster.key_prefix)))
     gateway.kill()
     killed = time.monotonic()
-    ev = wait_until(lambda: (e := last_event(cluster.redis_url, cluster.key_prefix, job_id))
-                    and e.finish_reason and e, 5, what="generation to stop")
+    ev = wait_until(
+        lambda: (
+            (e := last_event(cluster.redis_url, cluster.key_prefix, job_id))
+            and e.finish_reason
+            and e
+        ),
+        5,
+        what="generation to stop",
+    )
     assert ev.finish_reason == "cancelled"
     assert time.monotonic() - killed < 2.5
-    wait_until(lambda: sem_counts(cluster.redis_url, cluster.key_prefix) == (0, 0), 2 + 3,
-               what="permit lease expiry")
+    wait_until(
+        lambda: sem_counts(cluster.redis_url, cluster.key_prefix) == (0, 0),
+        2 + 3,
+        what="permit lease expiry",
+    )
     assert worker.alive()

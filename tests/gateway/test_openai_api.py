@@ -8,8 +8,8 @@ import httpx
 import openai
 import pytest
 
-from worker.mock_engine import mock_reply, render_prompt
 from shared.schemas import ChatMessage
+from worker.mock_engine import mock_reply, render_prompt
 
 
 @pytest.fixture
@@ -69,7 +69,9 @@ def test_stop_string_ends_the_reply(mock_cluster) -> None:  # noqa: ANN001
     stop_word = full.split()[5]
     client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused")
     reply = client.chat.completions.create(
-        model="mock", messages=[{"role": "user", "content": "stop me"}], max_tokens=30,
+        model="mock",
+        messages=[{"role": "user", "content": "stop me"}],
+        max_tokens=30,
         stop=[stop_word],
     )
     assert reply.choices[0].finish_reason == "stop"
@@ -78,8 +80,12 @@ def test_stop_string_ends_the_reply(mock_cluster) -> None:  # noqa: ANN001
 
 async def _stream_text(client: httpx.AsyncClient, content: str, n: int) -> tuple[str, list[int]]:
     text, seqs = "", []
-    body = {"model": "mock", "messages": [{"role": "user", "content": content}],
-            "stream": True, "max_tokens": n}
+    body = {
+        "model": "mock",
+        "messages": [{"role": "user", "content": content}],
+        "stream": True,
+        "max_tokens": n,
+    }
     async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
         assert resp.status_code == 200
         async for line in resp.aiter_lines():
@@ -108,13 +114,22 @@ async def test_concurrent_streams_get_only_their_own_tokens_in_order(mock_cluste
 @pytest.mark.parametrize(
     ("body", "status", "param"),
     [
-        ({"model": "mock", "messages": [{"role": "wizard", "content": "x"}]}, 400,
-         "messages.0.role"),
+        (
+            {"model": "mock", "messages": [{"role": "wizard", "content": "x"}]},
+            400,
+            "messages.0.role",
+        ),
         ({"model": "mock", "messages": []}, 400, "messages"),
-        ({"model": "mock", "messages": [{"role": "user", "content": "x"}], "temperature": 5},
-         400, "temperature"),
-        ({"model": "mock", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
-         400, "max_tokens"),
+        (
+            {"model": "mock", "messages": [{"role": "user", "content": "x"}], "temperature": 5},
+            400,
+            "temperature",
+        ),
+        (
+            {"model": "mock", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
+            400,
+            "max_tokens",
+        ),
         ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
         ({"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
     ],
@@ -130,8 +145,12 @@ def test_bad_requests_get_openai_style_errors(mock_cluster, body, status, param)
 
 def test_malformed_json_is_400(mock_cluster) -> None:  # noqa: ANN001
     gateway, _ = mock_cluster
-    resp = httpx.post(gateway.url + "/v1/chat/completions", content=b'{"model": ',
-                      headers={"content-type": "application/json"}, timeout=10)
+    resp = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        content=b'{"model": ',
+        headers={"content-type": "application/json"},
+        timeout=10,
+    )
     assert resp.status_code == 400
     assert resp.json()["error"]["code"] == "invalid_json"
 
