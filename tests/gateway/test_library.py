@@ -1,0 +1,240 @@
+"""The library API in a ChatStream user's own app (tests/gateway/library_app.py under uvicorn).
+
+Every callback status comes from the situation it names: a client that leaves while its request
+waits in the queue, a client that closes mid-stream, a worker that fails the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from gateway.library import ChatStreamCluster
+from shared.procs import die_with_parent, settings_env
+from shared.redis_server import free_port
+from shared.schemas import ChatMessage
+from tests.cluster import ROOT, Proc, wait_until
+from worker.mock_engine import mock_reply, render_prompt
+
+EOS = "<::EOS::>"
+
+
+@pytest.fixture
+def start_app(cluster, redis_url: str, key_prefix: str, tmp_path: Path):  # noqa: ANN001, ANN201
+    """Start library_app under real uvicorn with these gateway settings; wait for a worker."""
+
+    def start(workers: int = 1, **settings: Any) -> Proc:
+        port = free_port()
+        values = {"redis_url": redis_url, "key_prefix": key_prefix,
+                  "session_secret": "library-test-secret", **settings}
+        log_path = tmp_path / f"library-app-{port}.log"
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "tests.gateway.library_app:app",
+                 "--host", "127.0.0.1", "--port", str(port)],
+                cwd=ROOT, env={**os.environ, **settings_env(values)}, stdout=log,
+                stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+            )
+        app = Proc("library_app", process, log_path, port, values)
+        cluster.procs.append(app)  # stopped with the cluster
+
+        def ready() -> bool:
+            if not app.alive():
+                raise RuntimeError(f"library app exited:\n{app.log()[-3000:]}")
+            try:
+                load = httpx.get(app.url + "/get_load", timeout=5).json()
+            except httpx.HTTPError:
+                return False
+            return len(load.get("chatstream_workers", [])) >= workers
+
+        wait_until(ready, 90, interval=0.1, what="library app with live workers")
+        return app
+
+    return start
+
+
+async def poll(check: Callable[[], Any], within: float = 20) -> Any:
+    """Await `check()` until it returns something truthy (TimeoutError after `within` s)."""
+    async with asyncio.timeout(within):
+        while True:
+            if value := await check():
+                return value
+            await asyncio.sleep(0.05)
+
+
+async def callback_of(client: httpx.AsyncClient, test_id: str) -> str:
+    async def find() -> str | None:
+        events = (await client.get("/test/events")).json()
+        found = [e["message"] for e in events if e["kind"] == "callback"
+                 and e["test_id"] == test_id]
+        assert len(found) <= 1, f"callback fired {len(found)} times"
+        return found[0] if found else None
+
+    return await poll(find)
+
+
+async def test_callback_statuses_come_from_the_real_situations(cluster, start_app) -> None:  # noqa: ANN001
+    cluster.start_worker("mock", mock_tokens_per_s=20)
+    app = start_app(max_concurrent=1, default_max_tokens=60)  # one slot; replies take 3 s
+    async with (httpx.AsyncClient(base_url=app.url, timeout=60) as first,
+                httpx.AsyncClient(base_url=app.url, timeout=60) as second,
+                httpx.AsyncClient(base_url=app.url, timeout=60) as third,
+                httpx.AsyncClient(base_url=app.url, timeout=10) as probe):
+        # 1. "occupy" takes the only slot and streams slowly.
+        async with first.stream("POST", "/chat_stream", json={"user_input": "occupy"},
+                                headers={"x-test-id": "occupy"}) as occupy:
+            assert occupy.status_code == 200
+            pieces = occupy.aiter_text()
+            await anext(pieces)
+
+            # 2. "queued" waits in line behind it; its client gives up before any text.
+            queued = asyncio.create_task(second.post(
+                "/chat_stream", json={"user_input": "queued"}, headers={"x-test-id": "queued"}))
+
+            async def waiting() -> bool:
+                return (await probe.get("/get_load")).json()["cluster"]["waiting"] == 1
+
+            await poll(waiting)
+            queued.cancel()
+            assert await callback_of(probe, "queued") == "client_disconnected_before_streaming"
+
+            async for _ in pieces:  # read "occupy" to its end
+                pass
+        assert await callback_of(probe, "occupy") == "success"
+
+        # 3. "cut" streams, and its client closes the connection after the first chunk.
+        async with third.stream("POST", "/chat_stream", json={"user_input": "cut"},
+                                headers={"x-test-id": "cut"}) as cut:
+            seen = (await anext(cut.aiter_text())).split(EOS)[0]
+        assert await callback_of(probe, "cut") == "client_disconnected_while_streaming"
+        # Like ChatStream, a reply cut short stays in the history, as far as it got.
+        prompt = unquote((await third.get("/get_prompt")).json()["prompt"])
+        rendered = render_prompt([ChatMessage(role="user", content="cut")])
+        full = mock_reply(rendered, 60)
+        saved = prompt.removeprefix(rendered)
+        assert prompt.startswith(rendered) and saved.startswith(seen)
+        assert full.startswith(saved) and len(saved) < len(full)
+        # The request that left the queue left no trace in its session either.
+        assert (await second.get("/get_prompt")).json()["prompt"] is None
+
+
+async def test_a_worker_error_is_unknown_error_occurred(  # noqa: ANN001
+    cluster, start_app, demo_model_dir
+) -> None:
+    cluster.start_worker("demo", model_cache_dir=str(Path(demo_model_dir).parent), max_batch=4)
+    app = start_app(default_max_tokens=8)
+    async with (httpx.AsyncClient(base_url=app.url, timeout=60) as client,
+                httpx.AsyncClient(base_url=app.url, timeout=10) as probe):
+        ok = await client.post("/chat_stream", json={"user_input": "hi"},
+                               headers={"x-test-id": "ok"})
+        assert ok.status_code == 200 and ok.text.endswith(EOS)
+        assert await callback_of(probe, "ok") == "success"
+        prompt = unquote((await client.get("/get_prompt")).json()["prompt"])
+        assert "<|user|>\nhi\n<|assistant|>\n" in prompt  # rendered by the worker's template
+
+        too_long = "a " * 1500  # 3,000 byte tokens: past the demo model's 2,048-token context
+        failed = await client.post("/chat_stream", json={"user_input": too_long},
+                                   headers={"x-test-id": "too_long"})
+        assert failed.status_code == 400
+        assert failed.json()["error"]["code"] == "context_length_exceeded"
+        message = await callback_of(probe, "too_long")
+        status, _, detail = message.partition(",")
+        assert status == "unknown_error_occurred"
+        assert detail.startswith("context_length_exceeded: prompt is ")
+        # The failed turn left the history as it was.
+        assert unquote((await client.get("/get_prompt")).json()["prompt"]) == prompt
+
+
+async def test_interception_feedback_hook_and_clean_shutdown(cluster, start_app) -> None:  # noqa: ANN001
+    cluster.start_worker("mock", mock_tokens_per_s=200)
+    app = start_app(default_max_tokens=10)
+    async with httpx.AsyncClient(base_url=app.url, timeout=30) as client:
+        reply = await client.post("/chat_stream", json={"user_input": "hello"},
+                                  headers={"x-test-id": "intercepted"})
+        assert reply.status_code == 200
+        text = reply.text.split(EOS)[-2]
+        assert text == mock_reply(render_prompt([ChatMessage(role="user", content="hello")]), 10)
+        assert await callback_of(client, "intercepted") == "success"
+        message_id = reply.headers["x-chatstream-last-generated-message-id"]
+        resp = await client.post("/set_feedback", json={
+            "is_like": False, "message_id": message_id, "form_data": {"why": "too short"}})
+        assert resp.json() == {"success": True, "message": "success"}
+        resp = await client.post("/set_generation_params", json={"temperature": 0.1})
+        assert resp.json()["generation_params"]["temperature"] == 0.1
+        events = (await client.get("/test/events")).json()
+    assert {"kind": "request", "test_id": "intercepted", "user_input": "hello"} in events
+    assert {"kind": "feedback", "message_id": message_id, "is_like": False, "message": text,
+            "form_data": {"why": "too short"}} in events
+    app.terminate()
+    assert app.wait(20) in (0, -15)  # uvicorn re-raises SIGTERM after its graceful shutdown
+    log = app.log()
+    assert "Application shutdown complete." in log
+    assert "Traceback" not in log and "destroyed but it is pending" not in log, log[-3000:]
+
+
+async def test_in_process_lazy_start_openai_routes_and_close(  # noqa: ANN001
+    cluster, redis_url: str, key_prefix: str
+) -> None:
+    cluster.start_worker("mock")
+    chat = ChatStreamCluster(redis_url=redis_url, key_prefix=key_prefix,
+                             session_secret="in-process-secret")
+    app = FastAPI()
+    chat.append_apis(app, {"include": ["get_load", "get_prompt"]}, openai=True)
+    paths = {getattr(r, "path", None) for r in app.routes}
+    assert {"/get_load", "/get_prompt"} <= paths and "/chat_stream" not in paths
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+
+        async def one_worker() -> bool:
+            return len((await client.get("/get_load")).json()["chatstream_workers"]) == 1
+
+        await poll(one_worker)
+
+        async def models() -> list[str]:
+            return [m["id"] for m in (await client.get("/v1/models")).json()["data"]]
+
+        assert await poll(models) == ["mock"]  # the OpenAI routes share the lazy state
+        bad = await client.post("/v1/chat/completions", json={"model": "mock", "messages": []})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
+    state = await chat.gateway_state()
+    await chat.close()
+    assert state.draining and chat._state is None
+
+
+def test_append_apis_options_follow_chatstream() -> None:
+    select = ChatStreamCluster._selected
+    assert select(None)[0] == "chat_stream" and len(select(None)) == 8
+    assert select({"all": True}) == select(None)
+    assert select({}) == []
+    assert select({"include": ["get_load", "chat_stream"]}) == ["chat_stream", "get_load"]
+    assert "clear_context" not in select({"exclude": ["clear_context", "webui_index"]})
+    with pytest.raises(ValueError, match="only one"):
+        select({"all": True, "exclude": []})
+    with pytest.raises(ValueError, match="unknown API names"):
+        select({"include": ["get_everything"]})
+
+
+def test_chatstream_constructor_arguments_carry_over() -> None:
+    chat = ChatStreamCluster(redis_url="redis://127.0.0.1:1/0", session_secret="s",
+                             num_of_concurrent_executions=3, max_queue_size=9,
+                             max_new_tokens=100, temperature=0.5, top_k=10,
+                             too_many_request_as_http_error=True)
+    assert (chat.settings.max_concurrent, chat.settings.max_queue) == (3, 9)
+    assert chat.settings.default_max_tokens == 100
+    assert chat.default_params == {"temperature": 0.5, "top_k_value": 10, "top_p_value": 1.0}
+    with pytest.raises(TypeError, match="runs in the cluster's workers"):
+        ChatStreamCluster(model=object(), tokenizer=object())
+    with pytest.raises(TypeError, match="unknown settings"):
+        ChatStreamCluster(max_queu=5)
+    with pytest.raises(ValueError, match="temperature"):
+        ChatStreamCluster(temperature=3.0)
