@@ -43,7 +43,11 @@ class RoundRobinProxy:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         backend = next(self.backends)
         self.connections.append(backend)
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", backend)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", backend)
+        except OSError:
+            writer.close()
+            return
         await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
 
     def _run(self) -> None:
@@ -93,7 +97,7 @@ def topology(cluster) -> Iterator[tuple[list, RoundRobinProxy]]:  # noqa: ANN001
 def test_streams_through_the_load_balancer_reach_both_gateways(topology) -> None:  # noqa: ANN001
     gateways, proxy = topology
     for i in range(4):
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{proxy.port}/v1", api_key="x")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{proxy.port}/v1", api_key="x", timeout=30)
         text = ""
         for chunk in client.chat.completions.create(
             model="mock", messages=[{"role": "user", "content": f"lb {i}"}], stream=True,
@@ -109,7 +113,7 @@ def test_streams_through_the_load_balancer_reach_both_gateways(topology) -> None
 def test_each_gateway_streams_directly(topology) -> None:  # noqa: ANN001
     gateways, _ = topology
     for gw in gateways:
-        client = openai.OpenAI(base_url=gw.url + "/v1", api_key="x")
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", timeout=30)
         reply = client.chat.completions.create(
             model="mock", messages=[{"role": "user", "content": "direct"}], max_tokens=6
         )
