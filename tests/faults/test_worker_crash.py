@@ -135,6 +135,19 @@ def test_killed_worker_streams_continue_on_survivor_exactly(cluster) -> None:  #
         assert r.errors == []
         assert r.finish == "length"
         assert r.text == expected(r.content, 120), "text repeated or lost across the takeover"
+    survivor = b if victim is a else a
+
+    def true_values() -> bool:
+        status = httpx.get(gateway.url + "/admin/status", timeout=5).json()
+        return (
+            status["queue_depth"] == 0
+            and status["running"] == 0
+            and [w["id"] for w in status["workers"]] == [survivor.settings["worker_id"]]
+            and status["workers"][0]["running"] == 0
+        )
+
+    wait_until(true_values, 10, interval=0.2, what="permits, queue depth and workers to settle")
+    assert sem_counts(cluster.redis_url, cluster.key_prefix) == (0, 0)
 
 
 def test_paused_worker_late_writes_are_fenced(cluster) -> None:  # noqa: ANN001
