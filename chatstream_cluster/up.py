@@ -182,9 +182,11 @@ class LocalCluster:
 
 def main(settings: UpSettings) -> int:
     """Entry point of `chatstream up`."""
+    from gateway.security import check_startup
     from shared.logs import setup_logging
 
     setup_logging(settings.log_level, settings.log_format, component="up")
+    check_startup(settings, warn=False)  # exits 2 before starting anything; the gateway warns
     cluster = LocalCluster(settings)
 
     def _on_signal(signum: int, _frame: object) -> None:

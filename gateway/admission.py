@@ -8,6 +8,12 @@ waits past `--queue-timeout` gets 503 `queue_timeout`; a client that disconnects
 leaves the line at once (the request's task is cancelled and the semaphore's cancel path
 releases). This process refreshes the leases of the permits it holds every
 `--permit-lease` / 3 seconds; if it dies, they expire within the lease.
+
+Extra permits: optional caps per API key (`--max-concurrent-per-key`) and per ChatStream
+session (`--max-concurrent-per-session`) are semaphores of their own (`key-<sha256(key)[:16]>`,
+`session-<sid>`) with no waiting line. A generation takes them before the global permit and
+exceeding one answers 429 at once (`per_key_limit` / `per_session_limit`); they are refreshed
+and released like the global permit. `limit_permits()` builds the list for a request.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
@@ -25,7 +33,42 @@ from shared.redis_client import REDIS_ERRORS, reraise_if_cancelling
 from shared.semaphore import RedisSemaphore, SemaphoreTimeout
 from shared.settings import GatewaySettings
 
+if TYPE_CHECKING:
+    from gateway.state import GatewayState
+
 log = logging.getLogger("chatstream.gateway")
+
+
+@dataclass(frozen=True)
+class ExtraPermit:
+    """A cap a generation must fit under besides the cluster's: a semaphore without a line."""
+
+    semaphore: RedisSemaphore
+    capacity: int
+    code: str  # the 429's error code and the rejected-metric reason
+    what: str  # for the message: "this API key", "this session"
+
+
+def limit_permits(
+    state: GatewayState, *, api_key_id: str | None = None, session_id: str | None = None
+) -> list[ExtraPermit]:
+    """The extra permits a request needs: per API key and per session, where capped.
+
+    `api_key_id` is `gateway.auth.api_key_id(request)`; `session_id` a verified session id
+    (key names only take ids that pass `shared.keys.safe_id`).
+    """
+    s = state.settings
+    permits = []
+    if api_key_id and s.max_concurrent_per_key:
+        sem = RedisSemaphore(state.redis, state.keys, f"key-{api_key_id}", lease_s=s.permit_lease)
+        permits.append(ExtraPermit(sem, s.max_concurrent_per_key, "per_key_limit",
+                                   "this API key"))
+    if session_id and s.max_concurrent_per_session:
+        sem = RedisSemaphore(state.redis, state.keys, f"session-{session_id}",
+                             lease_s=s.permit_lease)
+        permits.append(ExtraPermit(sem, s.max_concurrent_per_session, "per_session_limit",
+                                   "this session"))
+    return permits
 
 
 class Admission:
@@ -38,6 +81,7 @@ class Admission:
         self.settings = settings
         self.workers = workers
         self.held: set[str] = set()
+        self.extra_held: dict[tuple[str, str], RedisSemaphore] = {}  # (name, permit id)
         self._task: asyncio.Task | None = None
 
     def capacity(self) -> int:
@@ -92,6 +136,34 @@ class Admission:
                 headers={"Retry-After": "1"},
             )
 
+    async def acquire_extra(self, permit: ExtraPermit, permit_id: str) -> None:
+        """Take a permit of `permit`'s semaphore at once or raise APIError 429 (no waiting)."""
+        sem = permit.semaphore
+        self.extra_held[(sem.name, permit_id)] = sem  # refreshed from now, released in cleanup
+        result = await sem.try_acquire(permit_id, permit.capacity, 0)
+        if not result.acquired:
+            self.extra_held.pop((sem.name, permit_id), None)
+            REJECTED.labels(reason=permit.code).inc()
+            log.info("concurrency cap: rejected", extra={"job_id": permit_id, "code": permit.code})
+            raise APIError(
+                429,
+                f"{permit.what} already has {permit.capacity} generation(s) running, its "
+                "limit; retry when one finishes",
+                code=permit.code,
+                headers={"Retry-After": "1"},
+            )
+
+    async def release_extra(self, permit: ExtraPermit, permit_id: str) -> None:
+        """Give an extra permit back (idempotent; nothing to do if it was never taken)."""
+        sem = self.extra_held.pop((permit.semaphore.name, permit_id), None)
+        if sem is None:
+            return
+        try:
+            await sem.release(permit_id)
+        except (*REDIS_ERRORS, RedisError) as exc:
+            log.warning("permit release failed; its lease will expire", extra={
+                "job_id": permit_id, "semaphore": sem.name, "error": str(exc)})
+
     async def release(self, permit_id: str) -> None:
         """Give the permit back (idempotent)."""
         self.held.discard(permit_id)
@@ -105,10 +177,16 @@ class Admission:
         interval = self.settings.permit_lease / 3
         while True:
             await asyncio.sleep(interval)
-            if not self.held:
-                continue
-            try:
-                await self.semaphore.refresh(list(self.held))
-            except (*REDIS_ERRORS, RedisError) as exc:
-                reraise_if_cancelling()
-                log.warning("permit refresh failed", extra={"error": str(exc)})
+            batches: list[tuple[RedisSemaphore, list[str]]] = []
+            if self.held:
+                batches.append((self.semaphore, list(self.held)))
+            extra: dict[str, tuple[RedisSemaphore, list[str]]] = {}
+            for (name, permit_id), sem in list(self.extra_held.items()):
+                extra.setdefault(name, (sem, []))[1].append(permit_id)
+            batches.extend(extra.values())
+            for sem, ids in batches:
+                try:
+                    await sem.refresh(ids)
+                except (*REDIS_ERRORS, RedisError) as exc:
+                    reraise_if_cancelling()
+                    log.warning("permit refresh failed", extra={"error": str(exc)})

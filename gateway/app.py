@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.responses import Response
 
+from gateway.auth import AuthMiddleware
 from gateway.disconnect import ClientDisconnected
 from gateway.errors import install_error_handlers
 from gateway.routes import admin, chatstream, health, openai
@@ -40,4 +41,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(chatstream.router)
     app.include_router(health.router)
     app.include_router(admin.router)
+    # Keys are checked before any route runs (and before a body is read); see gateway/auth.py.
+    app.add_middleware(AuthMiddleware, settings=settings)
     return app

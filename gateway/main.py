@@ -6,12 +6,23 @@ import contextlib
 import signal
 from collections.abc import Iterator
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
 from gateway.app import create_app
+from gateway.security import check_startup
 from shared.logs import setup_logging
 from shared.settings import GatewaySettings
+
+#: How uvicorn serves the gateway; bench/baseline_app.py serves its baseline the same way.
+#: "auto" picks uvloop and httptools when installed (uvicorn[standard] installs both).
+UVICORN_OPTIONS: dict[str, Any] = {
+    "loop": "auto",
+    "http": "auto",
+    "log_config": None,
+    "access_log": False,
+}
 
 
 class GatewayServer(uvicorn.Server):
@@ -42,16 +53,14 @@ class GatewayServer(uvicorn.Server):
 def main(settings: GatewaySettings) -> int:
     """Run one gateway process until SIGTERM/SIGINT; open streams get `--drain-timeout`."""
     setup_logging(settings.log_level, settings.log_format, component="gateway")
+    check_startup(settings)  # exits 2, before binding, on an unsafe configuration
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
-        log_config=None,
-        access_log=False,
         timeout_graceful_shutdown=int(settings.drain_timeout) or None,
-        loop="auto",
-        http="auto",
         lifespan="on",
+        **UVICORN_OPTIONS,
     )
     GatewayServer(config).run()
     return 0

@@ -30,6 +30,7 @@ from shared.schemas import ChatMessage, JobError, JobSpec, SamplingParams, Token
 if TYPE_CHECKING:
     from starlette.types import Receive
 
+    from gateway.admission import ExtraPermit
     from gateway.state import GatewayState
 
 log = logging.getLogger("chatstream.gateway")
@@ -70,6 +71,9 @@ class Generation:
         self.return_prompt = return_prompt
         self.created = time.monotonic()
         self.close_hooks: list[CloseHook] = []
+        # Caps besides the cluster's (per API key, per session: admission.limit_permits), taken
+        # before the global permit, released in cleanup; the permit id is the job id.
+        self.extra_permits: list[ExtraPermit] = []
         self.text = ""
         self.tokens = 0
         self.prompt_tokens = 0
@@ -111,6 +115,8 @@ class Generation:
                 headers={"Retry-After": "1"},
             )
         try:
+            for permit in self.extra_permits:
+                await st.admission.acquire_extra(permit, self.job_id)
             await st.admission.acquire(self.job_id)
             if not st.dispatcher.connected.is_set():
                 raise redis_unavailable()
@@ -242,17 +248,13 @@ class Generation:
                         continue
             except (*REDIS_ERRORS, RedisError):
                 pass
-            inbox.wakeup.clear()
             timeout = SILENCE_CHECK_S
             if deadline is not None:
                 timeout = min(timeout, deadline - time.monotonic())
                 if timeout <= 0:
                     return None
-            try:
-                await asyncio.wait_for(inbox.wakeup.wait(), timeout)
+            if await inbox.wait(timeout):
                 continue
-            except TimeoutError:
-                pass
             failure = await self._check_silence(silent_since, no_worker_since)
             if isinstance(failure, TokenEvent):
                 return failure
@@ -324,6 +326,8 @@ class Generation:
             log.warning("could not cancel job", extra={**self.log_ctx, "error": str(exc)})
         st.dispatcher.unregister(self.job_id)
         await st.admission.release(self.job_id)
+        for permit in self.extra_permits:
+            await st.admission.release_extra(permit, self.job_id)
         REQUESTS.labels(route=self.route, status=label.split(",")[0]).inc()
         log.info("request closed", extra={**self.log_ctx, "status": status, "tokens": self.tokens})
         for hook in self.close_hooks:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from shared.keys import JOBS_GROUP, Keys
+from shared.keys import JOBS_GROUP, Keys, safe_id
 from shared.schemas import ControlMessage, JobSpec
 
 META_TTL_S = 24 * 3600
@@ -59,7 +59,9 @@ def _decode_entry(entry_id: bytes | str, fields: dict[bytes, bytes] | None) -> J
     eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     fields = fields or {}
     try:
-        return JobEntry(eid, JobSpec.unpack(fields[b"spec"]), fields)
+        spec = JobSpec.unpack(fields[b"spec"])
+        safe_id(spec.job_id)  # a job id that may not reach a key name is garbage too
+        return JobEntry(eid, spec, fields)
     except Exception as exc:  # noqa: BLE001 - any garbage must become a dead letter
         return JobEntry(eid, None, fields, error=f"{type(exc).__name__}: {exc}"[:500])
 

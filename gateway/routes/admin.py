@@ -1,13 +1,13 @@
 """Operators' endpoints: `/admin/status` (JSON) and `/metrics` (Prometheus text).
 
 Both read the cluster-wide numbers from Redis through `shared.cluster_status`, the same code
-`chatstream status` uses, so every gateway and the CLI report the same values. When
-`--admin-key` is set, both want `Authorization: Bearer <admin key>` (401 otherwise).
+`chatstream status` uses, so every gateway and the CLI report the same values. Access
+(gateway/auth.py): with `--admin-key`, both want `Authorization: Bearer <admin key>` (401
+otherwise); without one, they answer loopback clients only (403 for others).
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 from typing import Any
 
@@ -16,32 +16,16 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
-from gateway.errors import APIError
+from gateway.auth import require_admin
 from gateway.metrics import CLUSTER_GAUGES, REGISTRY, set_cluster_gauges
 from shared.cluster_status import cluster_status
 from shared.redis_client import REDIS_ERRORS
 
 log = logging.getLogger("chatstream.gateway")
 
-
-async def require_admin_key(request: Request) -> None:
-    """401 unless the request carries the admin key (when one is configured)."""
-    key = request.app.state.gateway.settings.admin_key
-    if not key:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        token.strip().encode(), key.encode()
-    ):
-        raise APIError(
-            401,
-            "this endpoint wants the admin key: send 'Authorization: Bearer <admin key>'",
-            code="invalid_admin_key",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-
-
-router = APIRouter(dependencies=[Depends(require_admin_key)])
+# The gateway app's AuthMiddleware applies the same rule first; the dependency keeps the
+# router guarded wherever else it is mounted.
+router = APIRouter(dependencies=[Depends(require_admin)])
 
 
 async def _status(request: Request) -> dict[str, Any]:

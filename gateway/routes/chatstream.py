@@ -26,6 +26,8 @@ from redis.exceptions import RedisError
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
+from gateway.admission import limit_permits
+from gateway.auth import api_key_id
 from gateway.body import read_json
 from gateway.disconnect import ClientDisconnected
 from gateway.errors import APIError, redis_unavailable, validation_error
@@ -240,6 +242,7 @@ class ChatStreamAPI:
                 route="chatstream", request_id=request.headers.get("x-request-id", ""),
                 return_prompt=True,
             )
+            gen.extra_permits = limit_permits(state, api_key_id=api_key_id(request), session_id=sid)
         except BaseException:
             await lock.release()
             raise

@@ -16,6 +16,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gateway.admission import limit_permits
+from gateway.auth import api_key_id
 from gateway.body import read_json
 from gateway.disconnect import ClientDisconnected, run_until_disconnect
 from gateway.errors import APIError
@@ -185,24 +187,53 @@ def _usage(gen: Generation) -> dict[str, int]:
     }
 
 
+class ChunkEncoder:
+    """The SSE events of one stream's OpenAI chunks.
+
+    Everything but the text and the event number is the same in every content chunk, so it
+    is encoded once: a content chunk costs one JSON string encoding and one bytes format
+    (~0.3 us, against ~1.4 us for building and dumping the whole chunk dict each time). The
+    bytes are the same as `json(chunk(...))`.
+    """
+
+    def __init__(self, job_id: str, model: str, created: int) -> None:
+        self.event_id = job_id.encode()
+        self.head = {
+            "id": "chatcmpl-" + job_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+        }
+        head = orjson.dumps(self.head)[:-1].replace(b"%", b"%%")  # a literal in the template
+        self._content = (
+            b"id: " + self.event_id + b":%d\ndata: " + head
+            + b',"choices":[{"index":0,"delta":{"content":%s},"finish_reason":null}]}\n\n'
+        )
+
+    def content(self, text: str, seq: int) -> bytes:
+        """A chunk whose delta is `text`, with SSE id `<job id>:<seq>`."""
+        return self._content % (seq, orjson.dumps(text))
+
+    def chunk(self, delta: dict[str, Any], finish: str | None, seq: int) -> bytes:
+        """Any other chunk (role, finish reason)."""
+        body = {**self.head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return b"id: %s:%d\ndata: %s\n\n" % (self.event_id, seq, orjson.dumps(body))
+
+    def data(self, payload: dict[str, Any]) -> bytes:
+        """An event without id (error, usage)."""
+        return b"data: %s\n\n" % orjson.dumps(payload)
+
+
 async def _sse(gen: Generation, model: str, include_usage: bool) -> AsyncIterator[bytes]:
     """OpenAI chunk events, one per relayed event, then [DONE]."""
-    cid = "chatcmpl-" + gen.job_id
-    created = int(time.time())
-    head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
-    dumps = orjson.dumps
-
-    def chunk(delta: dict[str, Any], finish: str | None, seq: int) -> bytes:
-        body = {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        return b"id: %s:%d\ndata: %s\n\n" % (gen.job_id.encode(), seq, dumps(body))
-
+    enc = ChunkEncoder(gen.job_id, model, int(time.time()))
     if not gen.resuming:
-        yield chunk({"role": "assistant", "content": ""}, None, 0)
+        yield enc.chunk({"role": "assistant", "content": ""}, None, 0)
     async for ev in gen.events():
         if ev.finish_reason == "error":
             err = ev.error
             if ev.text:
-                yield chunk({"content": ev.text}, None, ev.seq)
+                yield enc.content(ev.text, ev.seq)
             payload = {
                 "error": {
                     "message": err.message if err else "generation failed",
@@ -210,15 +241,14 @@ async def _sse(gen: Generation, model: str, include_usage: bool) -> AsyncIterato
                     "code": err.code if err else None,
                 }
             }
-            yield b"data: %s\n\n" % dumps(payload)
+            yield enc.data(payload)
             break
         if ev.text:
-            yield chunk({"content": ev.text}, None, ev.seq)
+            yield enc.content(ev.text, ev.seq)
         if ev.finish_reason:
-            yield chunk({}, _finish(ev.finish_reason), ev.seq)
+            yield enc.chunk({}, _finish(ev.finish_reason), ev.seq)
     if include_usage and gen.finish_reason != "error":
-        usage = {**head, "choices": [], "usage": _usage(gen)}
-        yield b"data: %s\n\n" % dumps(usage)
+        yield enc.data({**enc.head, "choices": [], "usage": _usage(gen)})
     yield b"data: [DONE]\n\n"
 
 
@@ -247,7 +277,15 @@ async def _collect(gen: Generation, model: str) -> dict[str, Any]:
     }
 
 
-@router.post("/v1/chat/completions")
+# The route reads the raw body (limits before parsing), so its schema is declared here; the
+# $refs point into this spot of the OpenAPI document, where the $defs land.
+@router.post(
+    "/v1/chat/completions",
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+        "schema": ChatCompletionRequest.model_json_schema(ref_template=(
+            "#/paths/~1v1~1chat~1completions/post/requestBody/content/application~1json/schema"
+            "/$defs/{model}"))}}}},
+)
 async def chat_completions(request: Request) -> Any:
     """Create a chat completion; `stream: true` answers with server-sent events."""
     state: GatewayState = request.app.state.gateway
@@ -272,6 +310,7 @@ async def chat_completions(request: Request) -> Any:
         request_id=request.headers.get("x-request-id", ""),
         resume=resume,
     )
+    gen.extra_permits = limit_permits(state, api_key_id=api_key_id(request))
     await run_generation(gen, request.receive)
     headers = {"X-Request-ID": gen.request_id}
     if req.stream:

@@ -97,10 +97,14 @@ def topology(cluster) -> Iterator[tuple[list, RoundRobinProxy]]:  # noqa: ANN001
 def test_streams_through_the_load_balancer_reach_both_gateways(topology) -> None:  # noqa: ANN001
     gateways, proxy = topology
     for i in range(4):
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{proxy.port}/v1", api_key="x", timeout=30)
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{proxy.port}/v1", api_key="x", timeout=30
+        )
         text = ""
         for chunk in client.chat.completions.create(
-            model="mock", messages=[{"role": "user", "content": f"lb {i}"}], stream=True,
+            model="mock",
+            messages=[{"role": "user", "content": f"lb {i}"}],
+            stream=True,
             max_tokens=12,
         ):
             if chunk.choices and chunk.choices[0].delta.content:
