@@ -24,13 +24,18 @@ def run_e2e_bench(
     new_tokens: int = 128,
     concurrency: tuple[int, ...] = (1, 16),
     rounds: int = 3,
+    worker_settings: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Best of `rounds` per concurrency, through real processes on a private Redis."""
+    """Best of `rounds` per concurrency, through real processes on a private Redis.
+
+    `worker_settings`: WorkerSettings fields for the worker, e.g. `{"stream_interval": 0,
+    "torch_threads": 2}` to compare with the defaults.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         redis = RedisServer(Path(tmp) / "redis", appendonly=False).start()
         cluster = Cluster(redis.url, "bench", Path(tmp))
         try:
-            cluster.start_worker(model, max_batch=max(concurrency))
+            cluster.start_worker(model, max_batch=max(concurrency), **(worker_settings or {}))
             gateway = cluster.start_gateway(max_queue=1024, log_level="warning")
             cluster.wait_ready(gateway, timeout=300)
             body = {**BODY, "model": model, "max_tokens": new_tokens}

@@ -23,12 +23,21 @@ def run_engine_bench(
     device: str = "cpu",
     backend: str = "own",
     cache_dir: str | None = None,
+    threads: int = 0,
+    dtype: str = "auto",
+    sequential_requests: int = 0,
 ) -> list[dict[str, Any]]:
-    """Per concurrency c: c requests one at a time ("sequential") and all at once ("batched")."""
-    runner = _OwnRunner(model, device, max(concurrency), cache_dir)
+    """Per concurrency c: c requests one at a time ("sequential") and all at once ("batched").
+
+    `threads`: torch CPU threads; 0 = what a worker would use (`--torch-threads` auto).
+    `sequential_requests`: run only this many of the one-at-a-time requests (0 = c); the
+    rate is per request, so a few are enough on a slow device.
+    """
+    threads = threads or _worker_threads(device)
+    runner = _OwnRunner(model, device, max(concurrency), cache_dir, threads, dtype)
     if backend == "cb":
         runner = _CBRunner(runner.engine, max(concurrency))
-    runner.run(2, min(new_tokens, 16))  # warm-up
+    runner.run(max(concurrency), min(new_tokens, 16))  # warm-up: lazy init, KV rows, kernels
     rows = []
     for c in concurrency:
         modes = ("sequential", "batched") if c > 1 else ("batched",)
@@ -36,7 +45,8 @@ def run_engine_bench(
             start = time.perf_counter()
             ttfts: list[float] = []
             tokens = 0
-            for _ in range(c if mode == "sequential" else 1):
+            repeats = min(c, sequential_requests or c) if mode == "sequential" else 1
+            for _ in range(repeats):
                 t, f = runner.run(1 if mode == "sequential" else c, new_tokens)
                 tokens += t
                 ttfts += f
@@ -44,6 +54,7 @@ def run_engine_bench(
             rows.append(
                 {
                     "backend": backend,
+                    "threads": threads,
                     "mode": mode,
                     "concurrency": c,
                     "tokens": tokens,
@@ -57,11 +68,29 @@ def run_engine_bench(
     return rows
 
 
+def _worker_threads(device: str) -> int:
+    from shared.settings import WorkerSettings
+    from worker.factory import torch_threads
+
+    return torch_threads(WorkerSettings(device=device))
+
+
 class _OwnRunner:
-    def __init__(self, model: str, device: str, max_batch: int, cache_dir: str | None):
+    def __init__(
+        self,
+        model: str,
+        device: str,
+        max_batch: int,
+        cache_dir: str | None,
+        threads: int = 0,
+        dtype: str = "auto",
+    ):
         from worker.engine import HFEngine
 
-        self.engine = HFEngine(model, device=device, max_batch=max_batch, cache_dir=cache_dir)
+        self.engine = HFEngine(
+            model, device=device, max_batch=max_batch, cache_dir=cache_dir, threads=threads,
+            dtype=dtype,
+        )
 
     def run(self, n: int, new_tokens: int) -> tuple[int, list[float]]:
         """Submit n requests at once and step until all finish: (tokens, TTFTs)."""
@@ -143,6 +172,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     """Rows as a fixed-width text table."""
     cols = [
         "backend",
+        "threads",
         "mode",
         "concurrency",
         "tokens",
@@ -165,10 +195,15 @@ if __name__ == "__main__":
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--concurrency", default="1,16")
     parser.add_argument("--backend", default="own", choices=["own", "cb", "both"])
+    parser.add_argument("--threads", type=int, default=0, help="0 = the worker's auto choice")
+    parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
     levels = tuple(int(c) for c in args.concurrency.split(","))
     backends = ["own", "cb"] if args.backend == "both" else [args.backend]
     results = []
     for name in backends:
-        results += run_engine_bench(args.model, args.new_tokens, levels, args.device, name)
+        results += run_engine_bench(
+            args.model, args.new_tokens, levels, args.device, name, threads=args.threads,
+            dtype=args.dtype,
+        )
     print(format_table(results))

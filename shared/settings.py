@@ -61,6 +61,16 @@ class WorkerSettings(CommonSettings):
     model_cache_dir: str = Field(
         "", description="Folder for the built demo model; empty = ~/.cache/chatstream."
     )
+    torch_threads: int = Field(
+        0, ge=0, le=1024,
+        description="Threads for torch's CPU math; 0 = auto: the CPU cores minus one (at least "
+        "1) on --device cpu, leaving a core for the worker's I/O, Redis and the gateway.",
+    )
+    stream_interval: float = Field(
+        0.02, ge=0, le=1.0,
+        description="Seconds a sequence's new text may wait to be sent with the next tokens "
+        "(first and last tokens go at once); 0 = publish after every engine step.",
+    )
     worker_id: str = Field("", description="Worker id in the registry; empty = host-pid-random.")
     heartbeat_interval: float = Field(1.0, gt=0, description="Seconds between heartbeats.")
     worker_ttl: float = Field(5.0, gt=0, description="A worker silent this long is dead.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from shared.schemas import ChatMessage, SamplingParams
@@ -23,7 +24,20 @@ def make_engine(settings: WorkerSettings) -> Engine:
         max_batch=settings.max_batch,
         dtype=settings.dtype,
         cache_dir=settings.model_cache_dir or None,
+        threads=torch_threads(settings),
     )
+
+
+def torch_threads(settings: WorkerSettings) -> int:
+    """`--torch-threads`, or auto: on CPU one core fewer than this process may use (at least
+    one), so generation never competes with the worker's own I/O thread, Redis or a gateway
+    on the same machine; on CUDA torch's default (0)."""
+    if settings.torch_threads:
+        return settings.torch_threads
+    if settings.device != "cpu":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) - 1)
 
 
 def warm_up(engine: Engine, timeout: float = 60.0) -> None:

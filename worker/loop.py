@@ -250,8 +250,24 @@ class Worker:
 
     # --- engine thread ---------------------------------------------------------------------
     def _engine_main(self) -> None:
+        """Step the engine while it has work; hand each step's outputs to the publisher.
+
+        An output wakes the publisher at once when it is a job's first or last, or when its
+        job was last sent `stream_interval` or more ago (so a slow stream's tokens never wait).
+        Otherwise it waits, at most `stream_interval`, to go with the next ones: a fast engine
+        sends a few tokens per event instead of paying a publish round, the gateway's relay
+        and the client's parsing for every token.
+        """
+        interval = self.settings.stream_interval
+        last_sent: dict[str, float] = {}  # job -> when its output last went to the publisher
+        held: set[str] = set()  # jobs with output the publisher has not been woken for
+        held_since: float | None = None
         while not self._stop_engine.is_set():
             if not self.engine.has_work():
+                if held:
+                    self._wake_publisher()
+                    held.clear()
+                    held_since = None
                 self._engine_wake.wait(0.1)
                 self._engine_wake.clear()
                 continue
@@ -265,13 +281,45 @@ class Worker:
                     for jid in list(self.active)
                 ]
                 time.sleep(0.1)
+            if not outputs and held_since is None:
+                continue
+            self._coalesce(outputs)
+            now = time.monotonic()
+            urgent = False
             for out in outputs:
-                self._emit(out)
+                held.add(out.request_id)
+                last = last_sent.get(out.request_id, float("-inf"))
+                urgent = urgent or bool(out.finish_reason) or now - last >= interval
+            if not urgent and held_since is None:
+                held_since = now
+            if urgent or now - held_since >= interval:  # type: ignore[operator]
+                self._wake_publisher()
+                last_sent.update(dict.fromkeys(held, now))
+                held.clear()
+                held_since = None
+            for out in outputs:
+                if out.finish_reason:
+                    last_sent.pop(out.request_id, None)
 
     def _emit(self, out: StepOutput) -> None:
-        """Coalesce an engine output into the job's pending event (any thread)."""
+        """Coalesce an engine output into the job's pending event and wake the publisher
+        (any thread)."""
+        self._coalesce([out])
+        self._wake_publisher()
+
+    def _coalesce(self, outputs: list[StepOutput]) -> None:
+        """Merge outputs into their jobs' pending events (one lock round for a whole step)."""
+        if not outputs:
+            return
         with self._pending_lock:
-            self._pending.setdefault(out.request_id, Pending()).merge(out)
+            pending = self._pending
+            for out in outputs:
+                p = pending.get(out.request_id)
+                if p is None:
+                    p = pending[out.request_id] = Pending()
+                p.merge(out)
+
+    def _wake_publisher(self) -> None:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._dirty.set)
 
