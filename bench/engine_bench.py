@@ -38,6 +38,7 @@ def run_engine_bench(
     if backend == "cb":
         runner = _CBRunner(runner.engine, max(concurrency))
     runner.run(max(concurrency), min(new_tokens, 16))  # warm-up: lazy init, KV rows, kernels
+    runner.run(1, new_tokens)  # and one full-length stream: KV growth, batch-1 kernels, clocks
     rows = []
     for c in concurrency:
         modes = ("sequential", "batched") if c > 1 else ("batched",)

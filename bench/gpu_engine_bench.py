@@ -99,7 +99,7 @@ def generate_reference(path: str, device: str, new_tokens: int) -> dict[str, Any
         messages, add_generation_prompt=True, return_tensors="pt"
     )["input_ids"].to(device)
     kwargs = {"do_sample": True, "temperature": 0.8, "top_p": 0.95, "min_new_tokens": new_tokens}
-    model.generate(ids, max_new_tokens=8, **{**kwargs, "min_new_tokens": 8})  # warm-up
+    model.generate(ids, max_new_tokens=new_tokens, **kwargs)  # warm-up at the measured length
     _sync(device)
     start = time.perf_counter()
     out = model.generate(ids, max_new_tokens=new_tokens, **kwargs)
