@@ -116,6 +116,7 @@ class Worker:
         self._draining = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
+        self.engine_failed = False
         self._deferred: dict[str, JobEntry] = {}
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -123,7 +124,7 @@ class Worker:
         """Serve jobs until `drain()`; returns after in-flight work is done or handed over."""
         self._loop = asyncio.get_running_loop()
         await self._retry_forever(self.queue.ensure_group, "create consumer group")
-        engine_thread = threading.Thread(target=self._engine_main, name="engine", daemon=True)
+        engine_thread = threading.Thread(target=self._engine_thread, name="engine", daemon=True)
         engine_thread.start()
         tasks = [
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
@@ -170,6 +171,7 @@ class Worker:
             )
 
     async def _retry_forever(self, func, what: str):  # noqa: ANN001, ANN202
+        """Retry `func` while Redis is down; give up once draining (SIGTERM must still work)."""
         delay = 0.1
         while True:
             try:
@@ -177,7 +179,10 @@ class Worker:
             except (*REDIS_ERRORS, RedisError) as exc:
                 reraise_if_cancelling()
                 log.warning(f"redis unavailable: {what}", extra={"error": str(exc)})
-                await asyncio.sleep(delay)
+                if self._draining.is_set():
+                    return None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._draining.wait(), delay)
                 delay = min(delay * 2, 2.0)
 
     # --- intake ----------------------------------------------------------------------------
@@ -249,6 +254,17 @@ class Worker:
         log.debug("job started", extra=ctx)
 
     # --- engine thread ---------------------------------------------------------------------
+    def _engine_thread(self) -> None:
+        """The engine thread; if it dies, the worker drains and exits non-zero (so a
+        supervisor restarts it) instead of heartbeating with no engine behind it."""
+        try:
+            self._engine_main()
+        except BaseException:
+            log.exception("engine thread died", extra={"worker_id": self.id})
+            self.engine_failed = True
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self.drain)
+
     def _engine_main(self) -> None:
         """Step the engine while it has work; hand each step's outputs to the publisher.
 

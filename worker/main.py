@@ -14,8 +14,8 @@ from worker.loop import Worker
 log = logging.getLogger("chatstream.worker")
 
 
-async def serve(settings: WorkerSettings) -> None:
-    """Run one worker until SIGTERM/SIGINT, then drain and return."""
+async def serve(settings: WorkerSettings) -> int:
+    """Run one worker until SIGTERM/SIGINT, then drain; the exit code (1: the engine died)."""
     engine = await asyncio.to_thread(make_engine, settings)
     await asyncio.to_thread(warm_up, engine)
     worker = Worker(settings, engine)
@@ -23,10 +23,10 @@ async def serve(settings: WorkerSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.drain)
     await worker.run()
+    return 1 if worker.engine_failed else 0
 
 
 def main(settings: WorkerSettings) -> int:
     """Entry point of `chatstream worker`; exit code 0 after a graceful drain."""
     setup_logging(settings.log_level, settings.log_format, component="worker")
-    asyncio.run(serve(settings))
-    return 0
+    return asyncio.run(serve(settings))

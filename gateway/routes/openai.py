@@ -125,7 +125,8 @@ def _limits(req: ChatCompletionRequest, state: GatewayState) -> None:
 def sampling_from(req: ChatCompletionRequest, state: GatewayState) -> SamplingParams:
     """Sampling params of a request, with the server's default and ceiling for max_tokens."""
     s = state.settings
-    max_tokens = req.max_completion_tokens or req.max_tokens or s.default_max_tokens
+    default = min(s.default_max_tokens, s.max_tokens_limit)
+    max_tokens = req.max_completion_tokens or req.max_tokens or default
     if max_tokens > s.max_tokens_limit:
         param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         raise APIError(
