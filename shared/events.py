@@ -9,8 +9,10 @@ events of a cancelled job, which tells the worker to stop.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from shared.keys import Keys
 from shared.schemas import TokenEvent
@@ -53,25 +55,45 @@ class EventWriter:
         self._script = redis.register_script(_PUBLISH_EVENT)
 
     async def publish(self, batch: list[PendingPublish]) -> list[int]:
-        """Returns per event: receivers (>= 0), FENCED, CANCELLED or DUPLICATE."""
+        """Returns per event: receivers (>= 0), FENCED, CANCELLED or DUPLICATE.
+
+        One round trip for the whole batch: EVALSHA straight into the pipeline (a redis-py
+        `Script` in a pipeline would first ask SCRIPT EXISTS, a second round trip per batch);
+        only when Redis lost its script cache (NOSCRIPT, e.g. after a restart) is the script
+        loaded and the refused events sent again.
+        """
         if not batch:
             return []
+        results = await self._send(batch)
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:
+            await self.redis.script_load(_PUBLISH_EVENT)
+            again = await self._send([batch[i] for i in missing])
+            for i, result in zip(missing, again, strict=True):
+                results[i] = result
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return [int(r) for r in results]
+
+    async def _send(self, batch: list[PendingPublish]) -> list[Any]:
+        sha, ttl_ms, keys = self._script.sha, self.ttl_ms, self.keys
         async with self.redis.pipeline(transaction=False) as pipe:
             for item in batch:
                 ev = item.event
-                await self._script(
-                    keys=[self.keys.job_meta(ev.job_id), self.keys.job_events(ev.job_id)],
-                    args=[
-                        ev.attempt,
-                        ev.seq,
-                        ev.pack(),
-                        item.channel,
-                        self.ttl_ms,
-                        1 if ev.finish_reason else 0,
-                    ],
-                    client=pipe,
+                pipe.evalsha(
+                    sha,
+                    2,
+                    keys.job_meta(ev.job_id),
+                    keys.job_events(ev.job_id),
+                    ev.attempt,
+                    ev.seq,
+                    ev.pack(),
+                    item.channel,
+                    ttl_ms,
+                    1 if ev.finish_reason else 0,
                 )
-            return [int(r) for r in await pipe.execute()]
+            return await pipe.execute(raise_on_error=False)
 
 
 async def read_events(

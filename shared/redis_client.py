@@ -20,15 +20,21 @@ def make_redis(
 
     Passwords and TLS come from the URL (`redis://:pw@host:6379/0`, `rediss://...`).
     """
-    return aioredis.Redis.from_url(
+    # A blocking pool: a burst of more than `max_connections` calls waits for a free
+    # connection (up to `socket_timeout`) instead of failing with "Too many connections".
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
+        timeout=socket_timeout,
         socket_timeout=socket_timeout,
         socket_connect_timeout=1.0,
         health_check_interval=15,
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=1),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
+    client = aioredis.Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True
+    return client
 
 
 def make_pubsub_redis(url: str) -> aioredis.Redis:

@@ -83,21 +83,48 @@ class TokenEvent(BaseModel):
     worker_id: str = ""
 
     def pack(self) -> bytes:
-        return msgpack.packb(self.model_dump(mode="python", exclude_none=True), use_bin_type=True)
+        """msgpack of the fields that are not None (the wire form; see `unpack`)."""
+        raw = {k: v for k, v in self.__dict__.items() if v is not None}
+        if self.usage is not None:
+            raw["usage"] = self.usage.model_dump()
+        if self.error is not None:
+            raw["error"] = self.error.model_dump()
+        return msgpack.packb(raw, use_bin_type=True)
 
     @classmethod
     def unpack(cls, data: bytes) -> TokenEvent:
+        """Decode an event from a worker without validating it again.
+
+        Trusted, internal data on the gateway's hot path (one call per event): the instance is
+        built the way `model_construct` builds it, without its per-field work (~1 us instead of
+        ~6 us). Unknown keys (a newer worker) are ignored, missing ones take their defaults.
+        """
         raw: dict[str, Any] = msgpack.unpackb(data, raw=False)
-        usage = raw.get("usage")
-        error = raw.get("error")
-        # Trusted, internal data on the hot path: construct without re-validating.
-        return cls.model_construct(
-            **{
-                **raw,
-                "usage": Usage.model_construct(**usage) if usage else None,
-                "error": JobError.model_construct(**error) if error else None,
-            }
-        )
+        values = dict(_EVENT_DEFAULTS)
+        for key, value in raw.items():
+            if key in values:
+                values[key] = value
+        if "job_id" not in raw or "seq" not in raw or "attempt" not in raw:
+            raise ValueError("token event without job_id, seq or attempt")
+        usage, error = values["usage"], values["error"]
+        if usage is not None:
+            values["usage"] = Usage.model_construct(**usage)
+        if error is not None:
+            values["error"] = JobError.model_construct(**error)
+        event = cls.__new__(cls)
+        _set = object.__setattr__
+        _set(event, "__dict__", values)
+        _set(event, "__pydantic_fields_set__", raw.keys() & values.keys())
+        _set(event, "__pydantic_extra__", None)
+        _set(event, "__pydantic_private__", None)
+        return event
+
+
+# Every field of TokenEvent with its default; the three required ones are always sent.
+_EVENT_DEFAULTS: dict[str, Any] = {
+    name: None if field.is_required() else field.default
+    for name, field in TokenEvent.model_fields.items()
+}
 
 
 class WorkerInfo(BaseModel):

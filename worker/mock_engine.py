@@ -7,6 +7,7 @@ from position k (another worker taking over) produces exactly the rest of the sa
 from __future__ import annotations
 
 import hashlib
+import heapq
 import threading
 import time
 from collections import deque
@@ -34,10 +35,15 @@ def mock_token(prompt_digest: bytes, position: int) -> str:
     return WORDS[int.from_bytes(h, "little") % len(WORDS)] + " "
 
 
+def mock_tokens(prompt: str, n_tokens: int) -> list[str]:
+    """The first `n_tokens` tokens of the reply to `prompt`, one string per token."""
+    digest = hashlib.blake2b(prompt.encode(), digest_size=16).digest()
+    return [mock_token(digest, k) for k in range(n_tokens)]
+
+
 def mock_reply(prompt: str, n_tokens: int) -> str:
     """The first `n_tokens` tokens of the reply to `prompt` (for tests and benchmarks)."""
-    digest = hashlib.blake2b(prompt.encode(), digest_size=16).digest()
-    return "".join(mock_token(digest, k) for k in range(n_tokens))
+    return "".join(mock_tokens(prompt, n_tokens))
 
 
 @dataclass
@@ -66,6 +72,9 @@ class MockEngine:
         self._cancelled: set[str] = set()
         self._active: dict[str, _Sequence] = {}
         self._wake = threading.Event()
+        # Paced mode: (when the next token is due, tie-break, sequence), earliest first.
+        self._schedule: list[tuple[float, int, _Sequence]] = []
+        self._order = 0
 
     def submit(self, request: GenerationRequest) -> None:
         with self._lock:
@@ -98,6 +107,8 @@ class MockEngine:
                     time.monotonic(),
                 )
                 self._active[req.request_id] = seq
+                if self.tokens_per_s > 0:
+                    self._schedule_next(seq)
             queued = [r for r in self._inbox if r.request_id in cancelled]
             for req in queued:
                 self._inbox.remove(req)
@@ -120,6 +131,13 @@ class MockEngine:
             prompt=prompt,
         )
 
+    def _is_active(self, seq: _Sequence) -> bool:
+        return self._active.get(seq.request.request_id) is seq
+
+    def _next_due(self, seq: _Sequence) -> float:
+        """When the sequence's next token is due (paced mode)."""
+        return seq.started + (seq.produced - seq.request.resume_tokens) / self.tokens_per_s
+
     def _due(self, seq: _Sequence, now: float) -> int:
         if self.tokens_per_s <= 0:
             return 1
@@ -129,21 +147,36 @@ class MockEngine:
     def _sleep_until_due(self) -> None:
         if self.tokens_per_s <= 0 or not self._active:
             return
-        now = time.monotonic()
-        wait = min(
-            seq.started + (seq.produced - seq.request.resume_tokens) / self.tokens_per_s - now
-            for seq in self._active.values()
-        )
+        schedule = self._schedule
+        while schedule and not self._is_active(schedule[0][2]):
+            heapq.heappop(schedule)  # finished or cancelled
+        if not schedule:
+            return
+        wait = schedule[0][0] - time.monotonic()
         if wait > 0:
             self._wake.wait(min(wait, 0.05))
             self._wake.clear()
+
+    def _due_sequences(self, now: float) -> list[_Sequence]:
+        """The sequences that get tokens this step: all at full speed, else those now due
+        (popped from the schedule; a paced step costs the due sequences, not the batch)."""
+        if self.tokens_per_s <= 0:
+            return list(self._active.values())
+        due = []
+        schedule = self._schedule
+        while schedule and schedule[0][0] <= now:
+            _, _, seq = heapq.heappop(schedule)
+            if self._is_active(seq):
+                due.append(seq)
+        return due
 
     def step(self) -> list[StepOutput]:
         out: list[StepOutput] = []
         self._sleep_until_due()
         self._admit(out)
         now = time.monotonic()
-        for rid, seq in list(self._active.items()):
+        for seq in self._due_sequences(now):
+            rid = seq.request.request_id
             if seq.prompt_tokens >= self.max_context:
                 del self._active[rid]
                 out.append(self._context_error(seq))
@@ -164,7 +197,13 @@ class MockEngine:
                 out.append(self._output(seq, text, finish))
             if finish:
                 del self._active[rid]
+            elif self.tokens_per_s > 0:
+                self._schedule_next(seq)
         return out
+
+    def _schedule_next(self, seq: _Sequence) -> None:
+        self._order += 1
+        heapq.heappush(self._schedule, (self._next_due(seq), self._order, seq))
 
     def _apply_stop(self, seq: _Sequence, text: str, finish: str | None) -> tuple[str, str | None]:
         stops = seq.request.sampling.stop
