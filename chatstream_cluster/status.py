@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 
 from shared.cluster_status import cluster_status
 from shared.keys import Keys
-from shared.redis_client import REDIS_ERRORS, make_redis
+from shared.redis_client import REDIS_ERRORS, make_redis, redact_url
 from shared.settings import CommonSettings
 
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen: each --watch refresh starts with it
@@ -74,7 +74,7 @@ async def _run(settings: CommonSettings, args: argparse.Namespace) -> int:
             except (*REDIS_ERRORS, RedisError) as exc:
                 if not args.watch:
                     raise
-                error = f"cannot reach Redis at {_safe_url(settings.redis_url)}: {exc}"
+                error = f"cannot reach Redis at {redact_url(settings.redis_url)}: {exc}"
                 text = json.dumps({"error": error}) if args.json else error
             if not args.watch:
                 print(text)
@@ -93,15 +93,6 @@ async def _run(settings: CommonSettings, args: argparse.Namespace) -> int:
         await redis.aclose()
 
 
-def _safe_url(url: str) -> str:
-    """The Redis URL without its password."""
-    scheme, sep, rest = url.partition("://")
-    creds, at, host = rest.rpartition("@")
-    if not at:
-        return url
-    user = creds.split(":", 1)[0]
-    return f"{scheme}{sep}{user + ':***' if ':' in creds else user}@{host}"
-
 
 def main(settings: CommonSettings, args: argparse.Namespace) -> int:
     try:
@@ -110,6 +101,6 @@ def main(settings: CommonSettings, args: argparse.Namespace) -> int:
         return 0
     except (*REDIS_ERRORS, RedisError) as exc:
         print(
-            f"error: cannot reach Redis at {_safe_url(settings.redis_url)}: {exc}", file=sys.stderr
+            f"error: cannot reach Redis at {redact_url(settings.redis_url)}: {exc}", file=sys.stderr
         )
         return 1

@@ -20,6 +20,7 @@ import redis
 from redis.exceptions import AuthenticationError, RedisError
 
 from gateway.auth import is_loopback
+from shared.redis_client import redact_url
 from shared.settings import DEFAULT_SESSION_SECRET, GatewaySettings
 
 log = logging.getLogger("chatstream.gateway")
@@ -42,15 +43,6 @@ def startup_error(settings: GatewaySettings) -> str | None:
         )
     return None
 
-
-def redact_url(url: str) -> str:
-    """The Redis URL without its password."""
-    scheme, sep, rest = url.partition("://")
-    creds, at, host = rest.rpartition("@")
-    if not at:
-        return url
-    user = creds.split(":", 1)[0]
-    return f"{scheme}{sep}{user + ':***' if ':' in creds else user}@{host}"
 
 
 def redis_error(url: str, timeout: float = 2.0) -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shared.redis_server import RedisServer
 from tests.cluster import Cluster
+from tests.cluster import wait_until_async as until
 
 pytestmark = pytest.mark.slow
 
@@ -27,16 +28,6 @@ def chat_body(content: str, max_tokens: int, *, stream: bool = True) -> dict[str
     return {"model": "mock", "messages": [{"role": "user", "content": content}],
             "stream": stream, "max_tokens": max_tokens}
 
-
-async def until(check: Callable[[], Awaitable[Any]], within: float, what: str) -> Any:
-    """Poll the async `check` until it returns a truthy value; fail after `within` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {within}s waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 @asynccontextmanager

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from shared.keys import Keys
 from shared.schemas import ChatMessage
 from shared.semaphore import RedisSemaphore
 from shared.settings import GatewaySettings, UpSettings, settings_from_args
+from tests.cluster import wait_until_async as until
 from worker.mock_engine import mock_reply, render_prompt
 
 pytestmark = pytest.mark.slow
@@ -46,16 +47,6 @@ def semaphore(redis: aioredis.Redis, key_prefix: str) -> RedisSemaphore:
     """The gateways' semaphore, seen from the test (for counts() only)."""
     return RedisSemaphore(redis, Keys(key_prefix))
 
-
-async def until(check: Callable[[], Awaitable[Any]], within: float, what: str) -> Any:
-    """Poll the async `check` until it returns a truthy value; fail after `within` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {within}s waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture(autouse=True)

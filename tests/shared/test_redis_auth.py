@@ -26,9 +26,9 @@ from redis.exceptions import ConnectionError
 
 from gateway.errors import APIError
 from gateway.routes.openai import parse_last_event_id
-from gateway.security import redact_url, redis_error
+from gateway.security import redis_error
 from shared.keys import Keys, UnsafeIdError, safe_id
-from shared.redis_client import make_pubsub_redis, make_redis
+from shared.redis_client import make_pubsub_redis, make_redis, redact_url
 from shared.redis_server import RedisServer, free_port
 from tests.cluster import ROOT, Cluster, wait_until
 
