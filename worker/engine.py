@@ -200,10 +200,15 @@ class HFEngine:
     def _decode(self, outputs: list[StepOutput]) -> None:
         seqs = self._running
         logits = self._forward.decode([s.last_token for s in seqs], [s.length for s in seqs])
-        next_ids = self._sample(logits, seqs)
-        finished = []
-        for seq, token in zip(seqs, next_ids, strict=True):
+        tokens = self._sample(logits, seqs)
+        for seq in seqs:
             seq.length += 1
+        self._advance_all(seqs, tokens, outputs)
+
+    def _advance_all(self, seqs: list[_Seq], tokens: list[int], outputs: list[StepOutput]) -> None:
+        """Account one sampled token per sequence; release the ones that finished."""
+        finished = []
+        for seq, token in zip(seqs, tokens, strict=True):
             out = self._advance(seq, token)
             if out is not None:
                 outputs.append(out)
@@ -271,15 +276,7 @@ class HFEngine:
             seq.length = len(seq.prompt_ids)
             self._running.append(seq)
         logits = self._forward.prefill([s.prompt_ids for s in group], row)
-        finished = []
-        for seq, token in zip(group, self._sample(logits, group), strict=True):
-            out = self._advance(seq, token)
-            if out is not None:
-                outputs.append(out)
-                if out.finish_reason:
-                    finished.append(seq)
-        for seq in finished:
-            self._release(seq)
+        self._advance_all(group, self._sample(logits, group), outputs)
 
     def _advance(self, seq: _Seq, token: int) -> StepOutput | None:
         """Account one sampled token; return the output to send, if any."""
