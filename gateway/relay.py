@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 
 from gateway.disconnect import ClientDisconnected, run_until_disconnect
 from gateway.errors import APIError, redis_unavailable
-from gateway.metrics import OPEN_STREAMS, REQUESTS, TOKENS, TTFT
+from gateway.metrics import REQUESTS, TOKENS, TTFT
 from shared.events import read_events
 from shared.jobqueue import UNKNOWN
 from shared.redis_client import REDIS_ERRORS
@@ -80,7 +80,6 @@ class Generation:
         self.prompt: str | None = None
         self.finish_reason: str | None = None
         self.error: JobError | None = None
-        self.streamed = False  # some text reached the client
         self._entry_id: str | None = None
         self._inbox = None
         self._next_seq = resume[1] + 1 if resume else 1
@@ -353,12 +352,3 @@ async def run_generation(gen: Generation, receive: Receive | None) -> None:
         await gen.close(UNKNOWN_ERROR)
         raise
 
-
-class StreamGauge:
-    """Counts open streams for the metrics (a context manager)."""
-
-    def __enter__(self) -> None:
-        OPEN_STREAMS.inc()
-
-    def __exit__(self, *exc: object) -> None:
-        OPEN_STREAMS.dec()

@@ -10,7 +10,8 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from gateway.disconnect import wait_for_disconnect
-from gateway.relay import DISCONNECTED_WHILE_STREAMING, Generation, StreamGauge
+from gateway.metrics import OPEN_STREAMS
+from gateway.relay import DISCONNECTED_WHILE_STREAMING, Generation
 
 
 class GenerationResponse(Response):
@@ -46,7 +47,6 @@ class GenerationResponse(Response):
                 )
                 async for chunk in self.chunks:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    gen.streamed = True
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 status = gen.outcome()
             except OSError:
@@ -59,7 +59,7 @@ class GenerationResponse(Response):
             cancel.cancel()
 
         try:
-            with StreamGauge():
+            with OPEN_STREAMS.track_inprogress():
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(stream, tg.cancel_scope)
                     tg.start_soon(watch, tg.cancel_scope)

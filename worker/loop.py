@@ -70,7 +70,8 @@ class Pending:
     error: JobError | None = None
     prompt: str | None = None
 
-    def merge(self, out: StepOutput) -> None:
+    def merge(self, out: StepOutput | Pending) -> None:
+        """Add output produced after this (an engine step's, or newer pending output)."""
         self.text += out.text
         self.tokens = max(self.tokens, out.tokens)
         self.prompt_tokens = out.prompt_tokens or self.prompt_tokens
@@ -392,10 +393,7 @@ class Worker:
         with self._pending_lock:
             newer = self._pending.get(jid)
             if newer is not None:
-                old.text += newer.text
-                old.tokens = max(old.tokens, newer.tokens)
-                old.finish_reason = newer.finish_reason or old.finish_reason
-                old.error = newer.error or old.error
+                old.merge(newer)
             self._pending[jid] = old
 
     async def _after_publish(self, ev: TokenEvent, result: int, now: float, p: Pending) -> None:

@@ -317,6 +317,12 @@ class ChatStreamAPI:
         except ValidationError as exc:
             raise params_error(exc) from None
         await store.set_params(sid, {k: getattr(params, k) for k in params.model_fields_set})
+        return await self._params_response(state, store, sid)
+
+    async def _params_response(
+        self, state: GatewayState, store: SessionStore, sid: str
+    ) -> Response:
+        """The defaults merged with the session's overrides, ChatStream's shape."""
         session = await store.load(sid)
         body = {"success": True, "message": "success",
                 "generation_params": session.params(self.default_params)}
@@ -326,10 +332,7 @@ class ChatStreamAPI:
     async def handle_get_generation_params_request(self, request: Request) -> Response:
         """The defaults merged with this session's overrides."""
         state, store, sid = await self._context(request)
-        session = await store.load(sid)
-        body = {"success": True, "message": "success",
-                "generation_params": session.params(self.default_params)}
-        return self._with_cookie(JSONResponse(body), state, sid)
+        return await self._params_response(state, store, sid)
 
     @_guarded
     async def handle_set_feedback_request(

@@ -117,6 +117,16 @@ def last_event(redis_url: str, prefix: str, job_id: str) -> TokenEvent | None:
         client.close()
 
 
+def final_event(redis_url: str, prefix: str, job_id: str, within: float) -> TokenEvent:
+    """Wait for the job's stored final event (one with finish_reason) and return it."""
+
+    def final() -> TokenEvent | None:
+        event = last_event(redis_url, prefix, job_id)
+        return event if event is not None and event.finish_reason else None
+
+    return wait_until(final, within, what=f"the final event of job {job_id}")
+
+
 def test_killed_worker_streams_continue_on_survivor_exactly(cluster) -> None:  # noqa: ANN001
     a = cluster.start_worker("mock", **FAST_TAKEOVER)
     b = cluster.start_worker("mock", **FAST_TAKEOVER)
@@ -223,15 +233,7 @@ def test_client_disconnect_mid_stream_stops_generation_within_1s(cluster) -> Non
                 break
     left = time.monotonic()
     assert job_id
-    ev = wait_until(
-        lambda: (
-            (e := last_event(cluster.redis_url, cluster.key_prefix, job_id))
-            and e.finish_reason
-            and e
-        ),
-        5,
-        what="cancelled final event",
-    )
+    ev = final_event(cluster.redis_url, cluster.key_prefix, job_id, within=5)
     assert ev.finish_reason == "cancelled"
     assert time.monotonic() - left < 1.5
     assert ev.tokens < 100
@@ -247,15 +249,7 @@ def test_killed_gateway_stops_generation_and_frees_permit(cluster) -> None:  # n
     job_id = next(iter(job_owner(cluster.redis_url, cluster.key_prefix)))
     gateway.kill()
     killed = time.monotonic()
-    ev = wait_until(
-        lambda: (
-            (e := last_event(cluster.redis_url, cluster.key_prefix, job_id))
-            and e.finish_reason
-            and e
-        ),
-        5,
-        what="generation to stop",
-    )
+    ev = final_event(cluster.redis_url, cluster.key_prefix, job_id, within=5)
     assert ev.finish_reason == "cancelled"
     assert time.monotonic() - killed < 2.5
     wait_until(
