@@ -18,13 +18,12 @@ from collections.abc import AsyncIterator
 
 import orjson
 import uvicorn
+from chatstream_cluster.gateway.main import UVICORN_OPTIONS
+from chatstream_cluster.gateway.routes.openai import ChunkEncoder
+from chatstream_cluster.shared.schemas import ChatMessage
+from chatstream_cluster.worker.mock_engine import mock_tokens, render_prompt
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
-
-from gateway.main import UVICORN_OPTIONS
-from gateway.routes.openai import ChunkEncoder
-from shared.schemas import ChatMessage
-from worker.mock_engine import mock_tokens, render_prompt
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any
 
-from shared.schemas import ChatMessage, SamplingParams
+from chatstream_cluster.shared.schemas import ChatMessage, SamplingParams
 
 PROMPT = [ChatMessage(role="user", content="Tell me a long story about a cat and a dog.")]
 
@@ -70,8 +70,8 @@ def run_engine_bench(
 
 
 def _worker_threads(device: str) -> int:
-    from shared.settings import WorkerSettings
-    from worker.factory import torch_threads
+    from chatstream_cluster.shared.settings import WorkerSettings
+    from chatstream_cluster.worker.factory import torch_threads
 
     return torch_threads(WorkerSettings(device=device))
 
@@ -86,7 +86,7 @@ class _OwnRunner:
         threads: int = 0,
         dtype: str = "auto",
     ):
-        from worker.engine import HFEngine
+        from chatstream_cluster.worker.engine import HFEngine
 
         self.engine = HFEngine(
             model, device=device, max_batch=max_batch, cache_dir=cache_dir, threads=threads,
@@ -95,7 +95,7 @@ class _OwnRunner:
 
     def run(self, n: int, new_tokens: int) -> tuple[int, list[float]]:
         """Submit n requests at once and step until all finish: (tokens, TTFTs)."""
-        from worker.engine_api import GenerationRequest
+        from chatstream_cluster.worker.engine_api import GenerationRequest
 
         sampling = SamplingParams(max_tokens=new_tokens, temperature=0.8, top_p=0.95)
         start = time.perf_counter()
@@ -159,7 +159,7 @@ class _CBRunner:
 
 
 def _request():
-    from worker.engine_api import GenerationRequest
+    from chatstream_cluster.worker.engine_api import GenerationRequest
 
     return GenerationRequest("bench", PROMPT, SamplingParams())
 

@@ -14,11 +14,11 @@ __all__ = ["ChatStreamCluster", "GatewaySettings"]
 
 def __getattr__(name: str) -> Any:
     if name == "ChatStreamCluster":
-        from gateway.library import ChatStreamCluster
+        from chatstream_cluster.gateway.library import ChatStreamCluster
 
         return ChatStreamCluster
     if name == "GatewaySettings":
-        from shared.settings import GatewaySettings
+        from chatstream_cluster.shared.settings import GatewaySettings
 
         return GatewaySettings
     raise AttributeError(f"module 'chatstream_cluster' has no attribute {name!r}")

@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from shared.settings import (
+from chatstream_cluster.shared.settings import (
     CommonSettings,
     GatewaySettings,
     UpSettings,
@@ -87,11 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "gateway":
-        from gateway.main import main as run
+        from chatstream_cluster.gateway.main import main as run
 
         return run(settings_from_args(GatewaySettings, args))
     if args.command == "worker":
-        from worker.main import main as run
+        from chatstream_cluster.worker.main import main as run
 
         return run(settings_from_args(WorkerSettings, args))
     if args.command == "up":

@@ -7,10 +7,10 @@ import asyncio
 import sys
 import urllib.request
 
-from shared.keys import Keys
-from shared.redis_client import make_redis
-from shared.registry import WorkerRegistry
-from shared.settings import CommonSettings
+from chatstream_cluster.shared.keys import Keys
+from chatstream_cluster.shared.redis_client import make_redis
+from chatstream_cluster.shared.registry import WorkerRegistry
+from chatstream_cluster.shared.settings import CommonSettings
 
 
 async def _worker_alive(settings: CommonSettings, worker_id: str) -> bool:

@@ -18,10 +18,10 @@ import time
 
 from redis.exceptions import RedisError
 
-from shared.cluster_status import cluster_status
-from shared.keys import Keys
-from shared.redis_client import REDIS_ERRORS, make_redis, redact_url
-from shared.settings import CommonSettings
+from chatstream_cluster.shared.cluster_status import cluster_status
+from chatstream_cluster.shared.keys import Keys
+from chatstream_cluster.shared.redis_client import REDIS_ERRORS, make_redis, redact_url
+from chatstream_cluster.shared.settings import CommonSettings
 
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen: each --watch refresh starts with it
 

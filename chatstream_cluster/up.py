@@ -20,9 +20,14 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.procs import die_with_parent, settings_env
-from shared.redis_server import RedisServer
-from shared.settings import GatewaySettings, UpSettings, WorkerSettings, fields_of
+from chatstream_cluster.shared.procs import die_with_parent, settings_env
+from chatstream_cluster.shared.redis_server import RedisServer
+from chatstream_cluster.shared.settings import (
+    GatewaySettings,
+    UpSettings,
+    WorkerSettings,
+    fields_of,
+)
 
 log = logging.getLogger("chatstream.up")
 MAX_BACKOFF_S = 30.0
@@ -182,8 +187,8 @@ class LocalCluster:
 
 def main(settings: UpSettings) -> int:
     """Entry point of `chatstream up`."""
-    from gateway.security import check_startup
-    from shared.logs import setup_logging
+    from chatstream_cluster.gateway.security import check_startup
+    from chatstream_cluster.shared.logs import setup_logging
 
     setup_logging(settings.log_level, settings.log_format, component="up")
     check_startup(settings, warn=False)  # exits 2 before starting anything; the gateway warns

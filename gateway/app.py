@@ -5,15 +5,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from chatstream_cluster.gateway.auth import AuthMiddleware
+from chatstream_cluster.gateway.disconnect import ClientDisconnected
+from chatstream_cluster.gateway.errors import install_error_handlers
+from chatstream_cluster.gateway.routes import admin, chatstream, health, openai
+from chatstream_cluster.gateway.state import GatewayState
+from chatstream_cluster.shared.settings import GatewaySettings
 from fastapi import FastAPI
 from starlette.responses import Response
-
-from gateway.auth import AuthMiddleware
-from gateway.disconnect import ClientDisconnected
-from gateway.errors import install_error_handlers
-from gateway.routes import admin, chatstream, health, openai
-from gateway.state import GatewayState
-from shared.settings import GatewaySettings
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from chatstream_cluster.gateway.errors import APIError
 from fastapi import Request
-
-from gateway.errors import APIError
 
 
 async def read_json(request: Request, max_bytes: int) -> Any:

@@ -23,10 +23,9 @@ from collections import deque
 
 import hiredis
 import redis.asyncio as aioredis
+from chatstream_cluster.shared.keys import Keys
+from chatstream_cluster.shared.schemas import TokenEvent
 from redis.exceptions import RedisError
-
-from shared.keys import Keys
-from shared.schemas import TokenEvent
 
 log = logging.getLogger("chatstream.gateway")
 

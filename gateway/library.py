@@ -19,20 +19,19 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from chatstream_cluster.gateway.disconnect import ClientDisconnected
+from chatstream_cluster.gateway.errors import APIError, redis_unavailable, validation_error
+from chatstream_cluster.gateway.feedback import FeedbackHook
+from chatstream_cluster.gateway.routes import openai as openai_routes
+from chatstream_cluster.gateway.routes.chatstream import ENDPOINTS, ChatStreamAPI
+from chatstream_cluster.gateway.sessions import HISTORY_CHAR_BUDGET
+from chatstream_cluster.gateway.state import GatewayState
+from chatstream_cluster.shared.redis_client import REDIS_ERRORS
+from chatstream_cluster.shared.settings import DEFAULT_SESSION_SECRET, GatewaySettings
 from fastapi import Depends, FastAPI, Request
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 from starlette.responses import Response
-
-from gateway.disconnect import ClientDisconnected
-from gateway.errors import APIError, redis_unavailable, validation_error
-from gateway.feedback import FeedbackHook
-from gateway.routes import openai as openai_routes
-from gateway.routes.chatstream import ENDPOINTS, ChatStreamAPI
-from gateway.sessions import HISTORY_CHAR_BUDGET
-from gateway.state import GatewayState
-from shared.redis_client import REDIS_ERRORS
-from shared.settings import DEFAULT_SESSION_SECRET, GatewaySettings
 
 log = logging.getLogger("chatstream.gateway")
 

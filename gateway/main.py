@@ -11,11 +11,10 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
-
-from gateway.app import create_app
-from gateway.security import check_startup
-from shared.logs import setup_logging
-from shared.settings import GatewaySettings
+from chatstream_cluster.gateway.app import create_app
+from chatstream_cluster.gateway.security import check_startup
+from chatstream_cluster.shared.logs import setup_logging
+from chatstream_cluster.shared.settings import GatewaySettings
 
 #: How uvicorn serves the gateway; bench/baseline_app.py serves its baseline the same way.
 #: "auto" picks uvloop and httptools when installed (uvicorn[standard] installs both).

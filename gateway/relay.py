@@ -17,21 +17,25 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from chatstream_cluster.gateway.disconnect import ClientDisconnected, run_until_disconnect
+from chatstream_cluster.gateway.errors import APIError, redis_unavailable
+from chatstream_cluster.gateway.metrics import REQUESTS, TOKENS, TTFT
+from chatstream_cluster.shared.events import read_events
+from chatstream_cluster.shared.jobqueue import UNKNOWN
+from chatstream_cluster.shared.redis_client import REDIS_ERRORS
+from chatstream_cluster.shared.schemas import (
+    ChatMessage,
+    JobError,
+    JobSpec,
+    SamplingParams,
+    TokenEvent,
+)
 from redis.exceptions import RedisError
 
-from gateway.disconnect import ClientDisconnected, run_until_disconnect
-from gateway.errors import APIError, redis_unavailable
-from gateway.metrics import REQUESTS, TOKENS, TTFT
-from shared.events import read_events
-from shared.jobqueue import UNKNOWN
-from shared.redis_client import REDIS_ERRORS
-from shared.schemas import ChatMessage, JobError, JobSpec, SamplingParams, TokenEvent
-
 if TYPE_CHECKING:
+    from chatstream_cluster.gateway.admission import ExtraPermit
+    from chatstream_cluster.gateway.state import GatewayState
     from starlette.types import Receive
-
-    from gateway.admission import ExtraPermit
-    from gateway.state import GatewayState
 
 log = logging.getLogger("chatstream.gateway")
 

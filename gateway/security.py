@@ -17,11 +17,10 @@ import logging
 import sys
 
 import redis
+from chatstream_cluster.gateway.auth import is_loopback
+from chatstream_cluster.shared.redis_client import redact_url
+from chatstream_cluster.shared.settings import DEFAULT_SESSION_SECRET, GatewaySettings
 from redis.exceptions import AuthenticationError, RedisError
-
-from gateway.auth import is_loopback
-from shared.redis_client import redact_url
-from shared.settings import DEFAULT_SESSION_SECRET, GatewaySettings
 
 log = logging.getLogger("chatstream.gateway")
 

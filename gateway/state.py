@@ -7,15 +7,15 @@ import os
 import socket
 import uuid
 
-from gateway.admission import Admission
-from gateway.dispatcher import Dispatcher
-from gateway.workers import WorkerCache
-from shared.jobqueue import JobQueue
-from shared.keys import Keys
-from shared.redis_client import make_redis
-from shared.registry import WorkerRegistry
-from shared.semaphore import RedisSemaphore
-from shared.settings import GatewaySettings
+from chatstream_cluster.gateway.admission import Admission
+from chatstream_cluster.gateway.dispatcher import Dispatcher
+from chatstream_cluster.gateway.workers import WorkerCache
+from chatstream_cluster.shared.jobqueue import JobQueue
+from chatstream_cluster.shared.keys import Keys
+from chatstream_cluster.shared.redis_client import make_redis
+from chatstream_cluster.shared.registry import WorkerRegistry
+from chatstream_cluster.shared.semaphore import RedisSemaphore
+from chatstream_cluster.shared.settings import GatewaySettings
 
 
 class GatewayState:

@@ -6,12 +6,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 
 import anyio
+from chatstream_cluster.gateway.disconnect import wait_for_disconnect
+from chatstream_cluster.gateway.metrics import OPEN_STREAMS
+from chatstream_cluster.gateway.relay import DISCONNECTED_WHILE_STREAMING, Generation
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
-
-from gateway.disconnect import wait_for_disconnect
-from gateway.metrics import OPEN_STREAMS
-from gateway.relay import DISCONNECTED_WHILE_STREAMING, Generation
 
 
 class GenerationResponse(Response):

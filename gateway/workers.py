@@ -11,12 +11,11 @@ import contextlib
 import logging
 import time
 
+from chatstream_cluster.gateway.errors import APIError, redis_unavailable
+from chatstream_cluster.shared.redis_client import REDIS_ERRORS, reraise_if_cancelling
+from chatstream_cluster.shared.registry import WorkerRegistry
+from chatstream_cluster.shared.schemas import WorkerInfo
 from redis.exceptions import RedisError
-
-from gateway.errors import APIError, redis_unavailable
-from shared.redis_client import REDIS_ERRORS, reraise_if_cancelling
-from shared.registry import WorkerRegistry
-from shared.schemas import WorkerInfo
 
 log = logging.getLogger("chatstream.gateway")
 

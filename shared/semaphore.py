@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from shared.keys import Keys
+from chatstream_cluster.shared.keys import Keys
 
 # KEYS: holders, waiters, waiter heartbeats, ticket. Defines `now` (ms, server clock).
 _PURGE = """

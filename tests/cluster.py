@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
-from shared.procs import die_with_parent, settings_env
-from shared.redis_server import free_port
+from chatstream_cluster.shared.procs import die_with_parent, settings_env
+from chatstream_cluster.shared.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

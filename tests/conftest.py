@@ -8,8 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis.asyncio as aioredis
-
-from shared.redis_server import RedisServer
+from chatstream_cluster.shared.redis_server import RedisServer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -45,7 +44,7 @@ async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 @pytest.fixture(scope="session")
 def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The demo model, built once per test session into a temp cache folder."""
-    from worker.demo_model import build_demo_model
+    from chatstream_cluster.worker.demo_model import build_demo_model
 
     return build_demo_model(str(tmp_path_factory.mktemp("models")))
 

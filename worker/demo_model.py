@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from worker.detokenizer import bytes_to_unicode
+from chatstream_cluster.worker.detokenizer import bytes_to_unicode
 
 DEMO_NAME = "demo-llama-v1"
 DEMO_SEED = 1234

@@ -25,14 +25,19 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-
-from shared.schemas import JobError
-from worker.detokenizer import ByteTable, Detokenizer, is_byte_level, make_detokenizer, split_stop
-from worker.engine_api import GenerationRequest, StepOutput
-from worker.forward import HFForward, LlamaFastForward, make_forward
-from worker.hf_model import eos_ids, load_model, max_context
-from worker.kv_cache import KVStore
-from worker.sampling import sample, suppress_mask
+from chatstream_cluster.shared.schemas import JobError
+from chatstream_cluster.worker.detokenizer import (
+    ByteTable,
+    Detokenizer,
+    is_byte_level,
+    make_detokenizer,
+    split_stop,
+)
+from chatstream_cluster.worker.engine_api import GenerationRequest, StepOutput
+from chatstream_cluster.worker.forward import HFForward, LlamaFastForward, make_forward
+from chatstream_cluster.worker.hf_model import eos_ids, load_model, max_context
+from chatstream_cluster.worker.kv_cache import KVStore
+from chatstream_cluster.worker.sampling import sample, suppress_mask
 
 FALLBACK_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

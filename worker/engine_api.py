@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from shared.schemas import ChatMessage, JobError, SamplingParams
+from chatstream_cluster.shared.schemas import ChatMessage, JobError, SamplingParams
 
 
 @dataclass

@@ -5,18 +5,18 @@ from __future__ import annotations
 import os
 import time
 
-from shared.schemas import ChatMessage, SamplingParams
-from shared.settings import WorkerSettings
-from worker.engine_api import Engine, GenerationRequest
+from chatstream_cluster.shared.schemas import ChatMessage, SamplingParams
+from chatstream_cluster.shared.settings import WorkerSettings
+from chatstream_cluster.worker.engine_api import Engine, GenerationRequest
 
 
 def make_engine(settings: WorkerSettings) -> Engine:
     """`mock` never imports torch; anything else loads a transformers model."""
     if settings.model == "mock":
-        from worker.mock_engine import MockEngine
+        from chatstream_cluster.worker.mock_engine import MockEngine
 
         return MockEngine(max_batch=settings.max_batch, tokens_per_s=settings.mock_tokens_per_s)
-    from worker.engine import HFEngine
+    from chatstream_cluster.worker.engine import HFEngine
 
     return HFEngine(
         settings.model,

@@ -14,9 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
-from worker.kv_cache import KVStore
-from worker.llama_forward import LlamaFastForward, supports_fast_forward
+from chatstream_cluster.worker.kv_cache import KVStore
+from chatstream_cluster.worker.llama_forward import LlamaFastForward, supports_fast_forward
 
 
 def make_forward(model: Any, store: KVStore, fast: bool = True) -> LlamaFastForward | HFForward:

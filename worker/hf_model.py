@@ -20,7 +20,7 @@ def load_model(
 
     path = model
     if model == "demo":
-        from worker.demo_model import build_demo_model
+        from chatstream_cluster.worker.demo_model import build_demo_model
 
         path = build_demo_model(cache_dir)
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.path.isdir(path)

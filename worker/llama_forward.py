@@ -20,9 +20,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-from worker.hf_model import max_context
-from worker.kv_cache import KVStore
+from chatstream_cluster.worker.hf_model import max_context
+from chatstream_cluster.worker.kv_cache import KVStore
 
 DYNAMIC_ROPE = ("dynamic", "longrope")  # their frequencies depend on the sequence length
 

@@ -24,22 +24,34 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from redis.exceptions import RedisError
-
-from shared.events import CANCELLED, FENCED, EventWriter, PendingPublish, replay_state
-from shared.jobqueue import JobEntry, JobQueue
-from shared.keys import Keys
-from shared.redis_client import (
+from chatstream_cluster.shared.events import (
+    CANCELLED,
+    FENCED,
+    EventWriter,
+    PendingPublish,
+    replay_state,
+)
+from chatstream_cluster.shared.jobqueue import JobEntry, JobQueue
+from chatstream_cluster.shared.keys import Keys
+from chatstream_cluster.shared.redis_client import (
     REDIS_ERRORS,
     make_pubsub_redis,
     make_redis,
     reraise_if_cancelling,
 )
-from shared.registry import WorkerRegistry
-from shared.schemas import ControlMessage, JobError, JobSpec, TokenEvent, Usage, WorkerInfo
-from shared.settings import WorkerSettings
-from worker.engine_api import Engine, GenerationRequest, StepOutput
-from worker.resources import resource_snapshot
+from chatstream_cluster.shared.registry import WorkerRegistry
+from chatstream_cluster.shared.schemas import (
+    ControlMessage,
+    JobError,
+    JobSpec,
+    TokenEvent,
+    Usage,
+    WorkerInfo,
+)
+from chatstream_cluster.shared.settings import WorkerSettings
+from chatstream_cluster.worker.engine_api import Engine, GenerationRequest, StepOutput
+from chatstream_cluster.worker.resources import resource_snapshot
+from redis.exceptions import RedisError
 
 log = logging.getLogger("chatstream.worker")
 MAX_ATTEMPTS = 5

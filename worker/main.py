@@ -6,10 +6,10 @@ import asyncio
 import logging
 import signal
 
-from shared.logs import setup_logging
-from shared.settings import WorkerSettings
-from worker.factory import make_engine, warm_up
-from worker.loop import Worker
+from chatstream_cluster.shared.logs import setup_logging
+from chatstream_cluster.shared.settings import WorkerSettings
+from chatstream_cluster.worker.factory import make_engine, warm_up
+from chatstream_cluster.worker.loop import Worker
 
 log = logging.getLogger("chatstream.worker")
 

@@ -13,8 +13,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from shared.schemas import JobError
-from worker.engine_api import GenerationRequest, StepOutput
+from chatstream_cluster.shared.schemas import JobError
+from chatstream_cluster.worker.engine_api import GenerationRequest, StepOutput
 
 WORDS = (
     "the cluster streams tokens to many users at once while workers share one queue and "

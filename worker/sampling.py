@@ -12,8 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-
-from shared.schemas import SamplingParams
+from chatstream_cluster.shared.schemas import SamplingParams
 
 
 def sample(

@@ -19,19 +19,12 @@ from typing import Any
 from urllib.parse import quote
 
 import orjson
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
-from redis.exceptions import RedisError
-from starlette.requests import ClientDisconnect
-from starlette.responses import Response
-
-from gateway.admission import limit_permits
-from gateway.auth import api_key_id
-from gateway.body import read_json
-from gateway.disconnect import ClientDisconnected
-from gateway.errors import APIError, redis_unavailable, validation_error
-from gateway.feedback import (
+from chatstream_cluster.gateway.admission import limit_permits
+from chatstream_cluster.gateway.auth import api_key_id
+from chatstream_cluster.gateway.body import read_json
+from chatstream_cluster.gateway.disconnect import ClientDisconnected
+from chatstream_cluster.gateway.errors import APIError, redis_unavailable, validation_error
+from chatstream_cluster.gateway.feedback import (
     MAX_FORM_DATA_BYTES,
     Feedback,
     FeedbackHook,
@@ -39,8 +32,12 @@ from gateway.feedback import (
     call_hook,
     record_feedback,
 )
-from gateway.relay import DISCONNECTED_BEFORE_STREAMING, UNKNOWN_ERROR, Generation
-from gateway.sessions import (
+from chatstream_cluster.gateway.relay import (
+    DISCONNECTED_BEFORE_STREAMING,
+    UNKNOWN_ERROR,
+    Generation,
+)
+from chatstream_cluster.gateway.sessions import (
     COOKIE_NAME,
     DEFAULT_PARAMS,
     HISTORY_CHAR_BUDGET,
@@ -57,9 +54,15 @@ from gateway.sessions import (
     to_chat,
     trim_history,
 )
-from gateway.state import GatewayState
-from gateway.streaming import GenerationResponse
-from shared.redis_client import REDIS_ERRORS
+from chatstream_cluster.gateway.state import GatewayState
+from chatstream_cluster.gateway.streaming import GenerationResponse
+from chatstream_cluster.shared.redis_client import REDIS_ERRORS
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from redis.exceptions import RedisError
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 
 log = logging.getLogger("chatstream.gateway")
 

@@ -12,23 +12,22 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from gateway.admission import limit_permits
-from gateway.auth import api_key_id
-from gateway.body import read_json
-from gateway.disconnect import ClientDisconnected, run_until_disconnect
-from gateway.errors import APIError
-from gateway.relay import (
+from chatstream_cluster.gateway.admission import limit_permits
+from chatstream_cluster.gateway.auth import api_key_id
+from chatstream_cluster.gateway.body import read_json
+from chatstream_cluster.gateway.disconnect import ClientDisconnected, run_until_disconnect
+from chatstream_cluster.gateway.errors import APIError
+from chatstream_cluster.gateway.relay import (
     DISCONNECTED_WHILE_STREAMING,
     Generation,
     run_generation,
 )
-from gateway.state import GatewayState
-from gateway.streaming import GenerationResponse
-from shared.schemas import ChatMessage, SamplingParams
+from chatstream_cluster.gateway.state import GatewayState
+from chatstream_cluster.gateway.streaming import GenerationResponse
+from chatstream_cluster.shared.schemas import ChatMessage, SamplingParams
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 router = APIRouter()
 

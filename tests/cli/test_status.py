@@ -14,9 +14,9 @@ from typing import Any
 
 import httpx
 import pytest
+from chatstream_cluster.shared.redis_server import free_port
 
 from chatstream_cluster.status import CLEAR, render_table
-from shared.redis_server import free_port
 from tests.cluster import ROOT, wait_until
 
 pytestmark = pytest.mark.slow

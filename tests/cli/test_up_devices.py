@@ -5,10 +5,10 @@ from __future__ import annotations
 import subprocess
 
 import pytest
+from chatstream_cluster.shared.settings import UpSettings
 
 from chatstream_cluster import up
 from chatstream_cluster.up import visible_cuda_devices, worker_devices
-from shared.settings import UpSettings
 
 NVIDIA_SMI_L = (
     "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-aaaa)\n"

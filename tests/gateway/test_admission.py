@@ -18,14 +18,14 @@ import httpx
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from chatstream_cluster.shared.keys import Keys
+from chatstream_cluster.shared.schemas import ChatMessage
+from chatstream_cluster.shared.semaphore import RedisSemaphore
+from chatstream_cluster.shared.settings import GatewaySettings, UpSettings, settings_from_args
+from chatstream_cluster.worker.mock_engine import mock_reply, render_prompt
 
 from chatstream_cluster.cli import build_parser
-from shared.keys import Keys
-from shared.schemas import ChatMessage
-from shared.semaphore import RedisSemaphore
-from shared.settings import GatewaySettings, UpSettings, settings_from_args
 from tests.cluster import wait_until_async as until
-from worker.mock_engine import mock_reply, render_prompt
 
 pytestmark = pytest.mark.slow
 

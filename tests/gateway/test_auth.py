@@ -18,20 +18,28 @@ import httpx
 import openai
 import pytest
 import redis.asyncio as aioredis
-
-from chatstream_cluster.cli import build_parser
-from gateway.admission import Admission, limit_permits
-from gateway.auth import ADMIN, API, OPEN, KeyChecker, classify, is_loopback, key_id
-from gateway.errors import APIError
-from gateway.security import startup_error
-from shared.keys import Keys
-from shared.redis_server import free_port
-from shared.settings import (
+from chatstream_cluster.gateway.admission import Admission, limit_permits
+from chatstream_cluster.gateway.auth import (
+    ADMIN,
+    API,
+    OPEN,
+    KeyChecker,
+    classify,
+    is_loopback,
+    key_id,
+)
+from chatstream_cluster.gateway.errors import APIError
+from chatstream_cluster.gateway.security import startup_error
+from chatstream_cluster.shared.keys import Keys
+from chatstream_cluster.shared.redis_server import free_port
+from chatstream_cluster.shared.settings import (
     DEFAULT_SESSION_SECRET,
     GatewaySettings,
     UpSettings,
     settings_from_args,
 )
+
+from chatstream_cluster.cli import build_parser
 from tests.cluster import ROOT, wait_until
 
 KEYS = ["sk-test-alpha-0123456789", "sk-test-beta-9876543210"]

@@ -16,10 +16,9 @@ import httpx
 import orjson
 import pytest
 import redis as sync_redis
-
-from shared.keys import Keys
-from shared.schemas import ChatMessage
-from worker.mock_engine import mock_reply, render_prompt
+from chatstream_cluster.shared.keys import Keys
+from chatstream_cluster.shared.schemas import ChatMessage
+from chatstream_cluster.worker.mock_engine import mock_reply, render_prompt
 
 EOS = "<::EOS::>"
 N_TOKENS = 12

@@ -7,9 +7,8 @@ import asyncio
 import httpx
 import openai
 import pytest
-
-from shared.schemas import ChatMessage
-from worker.mock_engine import mock_reply, render_prompt
+from chatstream_cluster.shared.schemas import ChatMessage
+from chatstream_cluster.worker.mock_engine import mock_reply, render_prompt
 
 
 @pytest.fixture

@@ -8,14 +8,19 @@ import time
 import msgpack
 import orjson
 import pytest
-
-from gateway.dispatcher import JobInbox
-from gateway.routes.openai import ChunkEncoder
-from shared.events import EventWriter, PendingPublish, read_events
-from shared.keys import Keys
-from shared.schemas import ChatMessage, JobError, SamplingParams, TokenEvent, Usage
-from worker.engine_api import GenerationRequest
-from worker.mock_engine import MockEngine, mock_reply, render_prompt
+from chatstream_cluster.gateway.dispatcher import JobInbox
+from chatstream_cluster.gateway.routes.openai import ChunkEncoder
+from chatstream_cluster.shared.events import EventWriter, PendingPublish, read_events
+from chatstream_cluster.shared.keys import Keys
+from chatstream_cluster.shared.schemas import (
+    ChatMessage,
+    JobError,
+    SamplingParams,
+    TokenEvent,
+    Usage,
+)
+from chatstream_cluster.worker.engine_api import GenerationRequest
+from chatstream_cluster.worker.mock_engine import MockEngine, mock_reply, render_prompt
 
 EVENTS = [
     TokenEvent(job_id="a" * 32, seq=5, attempt=1, text="hello ", tokens=7, worker_id="w1"),

@@ -6,8 +6,7 @@ import asyncio
 
 import pytest
 import redis.asyncio as aioredis
-
-from gateway.sessions import (
+from chatstream_cluster.gateway.sessions import (
     DEFAULT_PARAMS,
     CookieSigner,
     Session,
@@ -17,7 +16,7 @@ from gateway.sessions import (
     sampling_for,
     trim_history,
 )
-from shared.keys import Keys
+from chatstream_cluster.shared.keys import Keys
 
 
 @pytest.fixture

@@ -8,9 +8,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import redis.asyncio as aioredis
-
-from shared.keys import Keys
-from shared.semaphore import AcquireResult, RedisSemaphore, SemaphoreTimeout
+from chatstream_cluster.shared.keys import Keys
+from chatstream_cluster.shared.semaphore import AcquireResult, RedisSemaphore, SemaphoreTimeout
 
 ACQUIRED = AcquireResult(acquired=True, position=None, rejected=False)
 REJECTED = AcquireResult(acquired=False, position=None, rejected=True)

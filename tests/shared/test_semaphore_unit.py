@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-
-from shared.keys import Keys
-from shared.semaphore import AcquireResult, RedisSemaphore
+from chatstream_cluster.shared.keys import Keys
+from chatstream_cluster.shared.semaphore import AcquireResult, RedisSemaphore
 
 fakeredis = pytest.importorskip("fakeredis")
 pytest.importorskip("lupa")

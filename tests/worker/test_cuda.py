@@ -11,13 +11,12 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-
-from shared.schemas import ChatMessage, SamplingParams
-from shared.settings import WorkerSettings
-from worker.demo_model import build_demo_model
-from worker.engine import HFEngine
-from worker.engine_api import GenerationRequest
-from worker.factory import make_engine
+from chatstream_cluster.shared.schemas import ChatMessage, SamplingParams
+from chatstream_cluster.shared.settings import WorkerSettings
+from chatstream_cluster.worker.demo_model import build_demo_model
+from chatstream_cluster.worker.engine import HFEngine
+from chatstream_cluster.worker.engine_api import GenerationRequest
+from chatstream_cluster.worker.factory import make_engine
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

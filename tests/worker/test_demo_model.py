@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from chatstream_cluster.worker.demo_model import DEMO_NAME, EOS_ID, build_demo_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from worker.demo_model import DEMO_NAME, EOS_ID, build_demo_model
 
 
 @pytest.fixture(scope="session")

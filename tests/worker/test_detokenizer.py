@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from worker.demo_model import build_demo_tokenizer
-from worker.detokenizer import (
+from chatstream_cluster.worker.demo_model import build_demo_tokenizer
+from chatstream_cluster.worker.detokenizer import (
     ByteLevelDetokenizer,
     PrefixDiffDetokenizer,
     make_detokenizer,

@@ -7,10 +7,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
-
-from shared.schemas import ChatMessage, SamplingParams
-from worker.engine import HFEngine
-from worker.engine_api import GenerationRequest, StepOutput
+from chatstream_cluster.shared.schemas import ChatMessage, SamplingParams
+from chatstream_cluster.worker.engine import HFEngine
+from chatstream_cluster.worker.engine_api import GenerationRequest, StepOutput
 
 
 @dataclass

@@ -13,11 +13,10 @@ import time
 from collections import deque
 
 import pytest
-
-from shared.settings import WorkerSettings
-from worker.engine_api import GenerationRequest, StepOutput
-from worker.factory import torch_threads
-from worker.loop import Worker
+from chatstream_cluster.shared.settings import WorkerSettings
+from chatstream_cluster.worker.engine_api import GenerationRequest, StepOutput
+from chatstream_cluster.worker.factory import torch_threads
+from chatstream_cluster.worker.loop import Worker
 
 
 class ScriptedEngine:
@@ -158,8 +157,7 @@ def test_engine_applies_its_threads_in_the_stepping_thread(
     demo_model_dir: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import torch
-
-    from worker.engine import HFEngine
+    from chatstream_cluster.worker.engine import HFEngine
 
     engine = HFEngine(demo_model_dir, max_batch=1, threads=1)
     calls: list[tuple[int, int]] = []

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from shared.schemas import ChatMessage, SamplingParams
-from worker import engine as engine_module
-from worker.demo_model import build_demo_tokenizer, demo_suppressed_tokens
-from worker.engine import HFEngine
-from worker.engine_api import GenerationRequest
-from worker.llama_forward import supports_fast_forward
+from chatstream_cluster.shared.schemas import ChatMessage, SamplingParams
+from chatstream_cluster.worker import engine as engine_module
+from chatstream_cluster.worker.demo_model import build_demo_tokenizer, demo_suppressed_tokens
+from chatstream_cluster.worker.engine import HFEngine
+from chatstream_cluster.worker.engine_api import GenerationRequest
+from chatstream_cluster.worker.llama_forward import supports_fast_forward
 
 
 @pytest.fixture(scope="module")

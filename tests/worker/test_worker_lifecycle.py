@@ -8,11 +8,12 @@ import signal
 import subprocess
 import sys
 
-from shared.redis_server import free_port
-from shared.settings import WorkerSettings
+from chatstream_cluster.shared.redis_server import free_port
+from chatstream_cluster.shared.settings import WorkerSettings
+from chatstream_cluster.worker.loop import Worker
+from chatstream_cluster.worker.mock_engine import MockEngine
+
 from tests.cluster import ROOT, wait_until
-from worker.loop import Worker
-from worker.mock_engine import MockEngine
 
 
 class BrokenEngine(MockEngine):
