@@ -18,12 +18,13 @@ from collections.abc import AsyncIterator
 
 import orjson
 import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+
 from chatstream_cluster.gateway.main import UVICORN_OPTIONS
 from chatstream_cluster.gateway.routes.openai import ChunkEncoder
 from chatstream_cluster.shared.schemas import ChatMessage
 from chatstream_cluster.worker.mock_engine import mock_tokens, render_prompt
-from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 

@@ -24,13 +24,14 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from redis.exceptions import RedisError
+
 from chatstream_cluster.gateway.errors import APIError
 from chatstream_cluster.gateway.metrics import REJECTED
 from chatstream_cluster.gateway.workers import WorkerCache
 from chatstream_cluster.shared.redis_client import REDIS_ERRORS, reraise_if_cancelling
 from chatstream_cluster.shared.semaphore import RedisSemaphore, SemaphoreTimeout
 from chatstream_cluster.shared.settings import GatewaySettings
-from redis.exceptions import RedisError
 
 if TYPE_CHECKING:
     from chatstream_cluster.gateway.state import GatewayState

@@ -23,11 +23,12 @@ import hmac
 import ipaddress
 import logging
 
-from chatstream_cluster.gateway.errors import APIError
-from chatstream_cluster.shared.settings import GatewaySettings
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from chatstream_cluster.gateway.errors import APIError
+from chatstream_cluster.shared.settings import GatewaySettings
 
 log = logging.getLogger("chatstream.gateway")
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from chatstream_cluster.gateway.errors import APIError
 from fastapi import Request
+
+from chatstream_cluster.gateway.errors import APIError
 
 
 async def read_json(request: Request, max_bytes: int) -> Any:

@@ -23,9 +23,10 @@ from collections import deque
 
 import hiredis
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
 from chatstream_cluster.shared.keys import Keys
 from chatstream_cluster.shared.schemas import TokenEvent
-from redis.exceptions import RedisError
 
 log = logging.getLogger("chatstream.gateway")
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 
-from chatstream_cluster.shared.redis_client import REDIS_ERRORS
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from chatstream_cluster.shared.redis_client import REDIS_ERRORS
 
 log = logging.getLogger("chatstream.gateway")
 

@@ -19,6 +19,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from fastapi import Depends, FastAPI, Request
+from pydantic import ValidationError
+from redis.exceptions import RedisError
+from starlette.responses import Response
+
 from chatstream_cluster.gateway.disconnect import ClientDisconnected
 from chatstream_cluster.gateway.errors import APIError, redis_unavailable, validation_error
 from chatstream_cluster.gateway.feedback import FeedbackHook
@@ -28,10 +33,6 @@ from chatstream_cluster.gateway.sessions import HISTORY_CHAR_BUDGET
 from chatstream_cluster.gateway.state import GatewayState
 from chatstream_cluster.shared.redis_client import REDIS_ERRORS
 from chatstream_cluster.shared.settings import DEFAULT_SESSION_SECRET, GatewaySettings
-from fastapi import Depends, FastAPI, Request
-from pydantic import ValidationError
-from redis.exceptions import RedisError
-from starlette.responses import Response
 
 log = logging.getLogger("chatstream.gateway")
 

@@ -11,6 +11,7 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+
 from chatstream_cluster.gateway.app import create_app
 from chatstream_cluster.gateway.security import check_startup
 from chatstream_cluster.shared.logs import setup_logging

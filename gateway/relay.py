@@ -17,6 +17,8 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from redis.exceptions import RedisError
+
 from chatstream_cluster.gateway.disconnect import ClientDisconnected, run_until_disconnect
 from chatstream_cluster.gateway.errors import APIError, redis_unavailable
 from chatstream_cluster.gateway.metrics import REQUESTS, TOKENS, TTFT
@@ -30,12 +32,12 @@ from chatstream_cluster.shared.schemas import (
     SamplingParams,
     TokenEvent,
 )
-from redis.exceptions import RedisError
 
 if TYPE_CHECKING:
+    from starlette.types import Receive
+
     from chatstream_cluster.gateway.admission import ExtraPermit
     from chatstream_cluster.gateway.state import GatewayState
-    from starlette.types import Receive
 
 log = logging.getLogger("chatstream.gateway")
 

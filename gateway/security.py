@@ -17,10 +17,11 @@ import logging
 import sys
 
 import redis
+from redis.exceptions import AuthenticationError, RedisError
+
 from chatstream_cluster.gateway.auth import is_loopback
 from chatstream_cluster.shared.redis_client import redact_url
 from chatstream_cluster.shared.settings import DEFAULT_SESSION_SECRET, GatewaySettings
-from redis.exceptions import AuthenticationError, RedisError
 
 log = logging.getLogger("chatstream.gateway")
 

@@ -33,14 +33,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 import redis.asyncio as aioredis
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from redis.exceptions import RedisError
+
 from chatstream_cluster.gateway.errors import APIError, validation_error
 from chatstream_cluster.gateway.feedback import call_hook
 from chatstream_cluster.gateway.relay import DISCONNECTED_WHILE_STREAMING, SUCCESS, UNKNOWN_ERROR
 from chatstream_cluster.shared.keys import Keys, safe_id
 from chatstream_cluster.shared.redis_client import REDIS_ERRORS
 from chatstream_cluster.shared.schemas import ChatMessage, SamplingParams
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from redis.exceptions import RedisError
 
 if TYPE_CHECKING:
     from chatstream_cluster.gateway.relay import Generation

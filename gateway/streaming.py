@@ -6,11 +6,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 
 import anyio
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
 from chatstream_cluster.gateway.disconnect import wait_for_disconnect
 from chatstream_cluster.gateway.metrics import OPEN_STREAMS
 from chatstream_cluster.gateway.relay import DISCONNECTED_WHILE_STREAMING, Generation
-from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
 
 
 class GenerationResponse(Response):

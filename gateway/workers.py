@@ -11,11 +11,12 @@ import contextlib
 import logging
 import time
 
+from redis.exceptions import RedisError
+
 from chatstream_cluster.gateway.errors import APIError, redis_unavailable
 from chatstream_cluster.shared.redis_client import REDIS_ERRORS, reraise_if_cancelling
 from chatstream_cluster.shared.registry import WorkerRegistry
 from chatstream_cluster.shared.schemas import WorkerInfo
-from redis.exceptions import RedisError
 
 log = logging.getLogger("chatstream.gateway")
 

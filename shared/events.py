@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
+
 from chatstream_cluster.shared.keys import Keys
 from chatstream_cluster.shared.schemas import TokenEvent
-from redis.exceptions import NoScriptError
 
 FENCED = -1
 CANCELLED = -2

@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
 from chatstream_cluster.shared.keys import JOBS_GROUP, Keys, safe_id
 from chatstream_cluster.shared.schemas import ControlMessage, JobSpec
-from redis.exceptions import ResponseError
 
 META_TTL_S = 24 * 3600
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import orjson
 import redis.asyncio as aioredis
+
 from chatstream_cluster.shared.keys import Keys
 from chatstream_cluster.shared.schemas import WorkerInfo
 

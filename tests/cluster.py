@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
 from chatstream_cluster.shared.procs import die_with_parent, settings_env
 from chatstream_cluster.shared.redis_server import free_port
 

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis.asyncio as aioredis
+
 from chatstream_cluster.shared.redis_server import RedisServer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -24,6 +24,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from redis.exceptions import RedisError
+
 from chatstream_cluster.shared.events import (
     CANCELLED,
     FENCED,
@@ -51,7 +53,6 @@ from chatstream_cluster.shared.schemas import (
 from chatstream_cluster.shared.settings import WorkerSettings
 from chatstream_cluster.worker.engine_api import Engine, GenerationRequest, StepOutput
 from chatstream_cluster.worker.resources import resource_snapshot
-from redis.exceptions import RedisError
 
 log = logging.getLogger("chatstream.worker")
 MAX_ATTEMPTS = 5

@@ -11,14 +11,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from chatstream_cluster.gateway.auth import require_admin
-from chatstream_cluster.gateway.metrics import CLUSTER_GAUGES, REGISTRY, set_cluster_gauges
-from chatstream_cluster.shared.cluster_status import cluster_status
-from chatstream_cluster.shared.redis_client import REDIS_ERRORS
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
+
+from chatstream_cluster.gateway.auth import require_admin
+from chatstream_cluster.gateway.metrics import CLUSTER_GAUGES, REGISTRY, set_cluster_gauges
+from chatstream_cluster.shared.cluster_status import cluster_status
+from chatstream_cluster.shared.redis_client import REDIS_ERRORS
 
 log = logging.getLogger("chatstream.gateway")
 

@@ -19,6 +19,13 @@ from typing import Any
 from urllib.parse import quote
 
 import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from redis.exceptions import RedisError
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
+
 from chatstream_cluster.gateway.admission import limit_permits
 from chatstream_cluster.gateway.auth import api_key_id
 from chatstream_cluster.gateway.body import read_json
@@ -57,12 +64,6 @@ from chatstream_cluster.gateway.sessions import (
 from chatstream_cluster.gateway.state import GatewayState
 from chatstream_cluster.gateway.streaming import GenerationResponse
 from chatstream_cluster.shared.redis_client import REDIS_ERRORS
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
-from redis.exceptions import RedisError
-from starlette.requests import ClientDisconnect
-from starlette.responses import Response
 
 log = logging.getLogger("chatstream.gateway")
 

@@ -12,6 +12,10 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
 from chatstream_cluster.gateway.admission import limit_permits
 from chatstream_cluster.gateway.auth import api_key_id
 from chatstream_cluster.gateway.body import read_json
@@ -25,9 +29,6 @@ from chatstream_cluster.gateway.relay import (
 from chatstream_cluster.gateway.state import GatewayState
 from chatstream_cluster.gateway.streaming import GenerationResponse
 from chatstream_cluster.shared.schemas import ChatMessage, SamplingParams
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 router = APIRouter()
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
-from chatstream_cluster.shared.redis_server import free_port
 
+from chatstream_cluster.shared.redis_server import free_port
 from chatstream_cluster.status import CLEAR, render_table
 from tests.cluster import ROOT, wait_until
 

@@ -13,11 +13,11 @@ import orjson
 import pytest
 import redis as syncredis
 import redis.asyncio as aioredis
+
 from chatstream_cluster.shared.keys import Keys
 from chatstream_cluster.shared.schemas import ChatMessage, TokenEvent
 from chatstream_cluster.shared.semaphore import RedisSemaphore
 from chatstream_cluster.worker.mock_engine import mock_reply, render_prompt
-
 from tests.cluster import wait_until
 
 pytestmark = pytest.mark.slow

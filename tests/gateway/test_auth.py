@@ -18,6 +18,8 @@ import httpx
 import openai
 import pytest
 import redis.asyncio as aioredis
+
+from chatstream_cluster.cli import build_parser
 from chatstream_cluster.gateway.admission import Admission, limit_permits
 from chatstream_cluster.gateway.auth import (
     ADMIN,
@@ -38,8 +40,6 @@ from chatstream_cluster.shared.settings import (
     UpSettings,
     settings_from_args,
 )
-
-from chatstream_cluster.cli import build_parser
 from tests.cluster import ROOT, wait_until
 
 KEYS = ["sk-test-alpha-0123456789", "sk-test-beta-9876543210"]

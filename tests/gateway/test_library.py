@@ -17,13 +17,13 @@ from urllib.parse import unquote
 
 import httpx
 import pytest
+from fastapi import FastAPI
+
 from chatstream_cluster.gateway.library import ChatStreamCluster
 from chatstream_cluster.shared.procs import die_with_parent, settings_env
 from chatstream_cluster.shared.redis_server import free_port
 from chatstream_cluster.shared.schemas import ChatMessage
 from chatstream_cluster.worker.mock_engine import mock_reply, render_prompt
-from fastapi import FastAPI
-
 from tests.cluster import ROOT, Proc, wait_until
 
 EOS = "<::EOS::>"

@@ -8,6 +8,7 @@ import time
 import msgpack
 import orjson
 import pytest
+
 from chatstream_cluster.gateway.dispatcher import JobInbox
 from chatstream_cluster.gateway.routes.openai import ChunkEncoder
 from chatstream_cluster.shared.events import EventWriter, PendingPublish, read_events

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 import redis.asyncio as aioredis
+
 from chatstream_cluster.gateway.sessions import (
     DEFAULT_PARAMS,
     CookieSigner,

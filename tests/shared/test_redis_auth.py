@@ -22,14 +22,14 @@ from pathlib import Path
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError
+
 from chatstream_cluster.gateway.errors import APIError
 from chatstream_cluster.gateway.routes.openai import parse_last_event_id
 from chatstream_cluster.gateway.security import redis_error
 from chatstream_cluster.shared.keys import Keys, UnsafeIdError, safe_id
 from chatstream_cluster.shared.redis_client import make_pubsub_redis, make_redis, redact_url
 from chatstream_cluster.shared.redis_server import RedisServer, free_port
-from redis.exceptions import ConnectionError
-
 from tests.cluster import ROOT, Cluster, wait_until
 
 PASSWORD = "pw-for-tests-7f3a"

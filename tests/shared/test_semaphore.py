@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import redis.asyncio as aioredis
+
 from chatstream_cluster.shared.keys import Keys
 from chatstream_cluster.shared.semaphore import AcquireResult, RedisSemaphore, SemaphoreTimeout
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
+
 from chatstream_cluster.shared.keys import Keys
 from chatstream_cluster.shared.semaphore import AcquireResult, RedisSemaphore
 

@@ -13,6 +13,7 @@ import time
 from collections import deque
 
 import pytest
+
 from chatstream_cluster.shared.settings import WorkerSettings
 from chatstream_cluster.worker.engine_api import GenerationRequest, StepOutput
 from chatstream_cluster.worker.factory import torch_threads
@@ -157,6 +158,7 @@ def test_engine_applies_its_threads_in_the_stepping_thread(
     demo_model_dir: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import torch
+
     from chatstream_cluster.worker.engine import HFEngine
 
     engine = HFEngine(demo_model_dir, max_batch=1, threads=1)
