@@ -9,11 +9,11 @@ leaves the line at once (the request's task is cancelled and the semaphore's can
 releases). This process refreshes the leases of the permits it holds every
 `--permit-lease` / 3 seconds; if it dies, they expire within the lease.
 
-Extra permits: optional caps per API key (`--max-concurrent-per-key`) and per ChatStream
-session (`--max-concurrent-per-session`) are semaphores of their own (`key-<sha256(key)[:16]>`,
-`session-<sid>`) with no waiting line. A generation takes them before the global permit and
-exceeding one answers 429 at once (`per_key_limit` / `per_session_limit`); they are refreshed
-and released like the global permit. `limit_permits()` builds the list for a request.
+Extra permits: the optional cap per API key (`--max-concurrent-per-key`) is a semaphore of its
+own per key (`key-<sha256(key)[:16]>`) with no waiting line. A generation takes it before the
+global permit and exceeding it answers 429 at once (`per_key_limit`); it is refreshed and
+released like the global permit. `Admission.extra_permits()` builds the list for a request.
+(A ChatStream session needs no cap of its own: its turn lock already allows one turn at a time.)
 """
 
 from __future__ import annotations
@@ -22,19 +22,16 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
 from chatstream_cluster.gateway.errors import APIError
 from chatstream_cluster.gateway.metrics import REJECTED
 from chatstream_cluster.gateway.workers import WorkerCache
+from chatstream_cluster.shared.keys import Keys
 from chatstream_cluster.shared.redis_client import REDIS_ERRORS, reraise_if_cancelling
 from chatstream_cluster.shared.semaphore import RedisSemaphore, SemaphoreTimeout
 from chatstream_cluster.shared.settings import GatewaySettings
-
-if TYPE_CHECKING:
-    from chatstream_cluster.gateway.state import GatewayState
 
 log = logging.getLogger("chatstream.gateway")
 
@@ -49,40 +46,31 @@ class ExtraPermit:
     what: str  # for the message: "this API key", "this session"
 
 
-def limit_permits(
-    state: GatewayState, *, api_key_id: str | None = None, session_id: str | None = None
-) -> list[ExtraPermit]:
-    """The extra permits a request needs: per API key and per session, where capped.
-
-    `api_key_id` is `gateway.auth.api_key_id(request)`; `session_id` a verified session id
-    (key names only take ids that pass `shared.keys.safe_id`).
-    """
-    s = state.settings
-    permits = []
-    if api_key_id and s.max_concurrent_per_key:
-        sem = RedisSemaphore(state.redis, state.keys, f"key-{api_key_id}", lease_s=s.permit_lease)
-        permits.append(ExtraPermit(sem, s.max_concurrent_per_key, "per_key_limit",
-                                   "this API key"))
-    if session_id and s.max_concurrent_per_session:
-        sem = RedisSemaphore(state.redis, state.keys, f"session-{session_id}",
-                             lease_s=s.permit_lease)
-        permits.append(ExtraPermit(sem, s.max_concurrent_per_session, "per_session_limit",
-                                   "this session"))
-    return permits
-
-
 class Admission:
     """Acquire, hold and release generation permits for this gateway's jobs."""
 
     def __init__(
-        self, semaphore: RedisSemaphore, settings: GatewaySettings, workers: WorkerCache
+        self, semaphore: RedisSemaphore, settings: GatewaySettings, workers: WorkerCache,
+        keys: Keys,
     ) -> None:
         self.semaphore = semaphore
+        self.keys = keys
         self.settings = settings
         self.workers = workers
         self.held: set[str] = set()
         self.extra_held: dict[tuple[str, str], RedisSemaphore] = {}  # (name, permit id)
         self._task: asyncio.Task | None = None
+
+    def extra_permits(self, api_key_id: str | None) -> list[ExtraPermit]:
+        """The caps a request must fit under besides the cluster's: its API key's, if capped.
+
+        `api_key_id` is `gateway.auth.api_key_id(request)` (a digest, safe in a key name)."""
+        s = self.settings
+        if not (api_key_id and s.max_concurrent_per_key):
+            return []
+        sem = RedisSemaphore(self.semaphore.redis, self.keys, f"key-{api_key_id}",
+                             lease_s=s.permit_lease)
+        return [ExtraPermit(sem, s.max_concurrent_per_key, "per_key_limit", "this API key")]
 
     def capacity(self) -> int:
         """The cluster-wide cap in force now."""

@@ -185,8 +185,7 @@ def _error_response(error: APIError, path: str) -> JSONResponse:
     """OpenAI-style on /v1; ChatStream endpoints also get their `success`/`message` keys."""
     if path.startswith("/v1/") or classify(path) != API:
         return error.response()
-    body = {"success": False, "message": error.message, **error.body()}
-    return JSONResponse(body, status_code=error.status, headers=error.headers)
+    return error.chatstream_response()
 
 
 def api_key_id(request: Request) -> str | None:

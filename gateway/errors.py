@@ -67,6 +67,11 @@ class APIError(Exception):
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
+    def chatstream_response(self) -> JSONResponse:
+        """ChatStream's `success`/`message` keys plus the `error` object (ChatStream routes)."""
+        body = {"success": False, "message": self.message, **self.body()}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
 
 def redis_unavailable() -> APIError:
     return APIError(
@@ -90,6 +95,25 @@ def validation_error(errors: list[dict]) -> APIError:
         return APIError(400, "request body is not valid JSON", code="invalid_json")
     where = f"'{param}': " if param else ""
     return APIError(400, f"{where}{first.get('msg')}", code="invalid_value", param=param)
+
+
+def as_api_error(exc: Exception, *, log_unexpected: bool = True) -> APIError:
+    """The answer for any exception a request hit: APIErrors as they are, validation errors as
+    400, Redis outages as 503, anything else a logged 500."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ValidationError | RequestValidationError):
+        return validation_error(list(exc.errors()))
+    if isinstance(exc, (*REDIS_ERRORS, RedisError)):
+        return redis_unavailable()
+    if log_unexpected:
+        log.exception("unexpected error")
+    return APIError(500, "internal error", code="internal_error")
+
+
+def describe(err: APIError) -> str:
+    """`<code>: <message>`, the detail of ChatStream's `unknown_error_occurred,<detail>`."""
+    return f"{err.code}: {err.message}" if err.code else err.message
 
 
 def install_error_handlers(app: FastAPI) -> None:

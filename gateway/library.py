@@ -24,12 +24,13 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 from starlette.responses import Response
 
+from chatstream_cluster.gateway.chatstream.api import ChatStreamAPI
 from chatstream_cluster.gateway.disconnect import ClientDisconnected
-from chatstream_cluster.gateway.errors import APIError, redis_unavailable, validation_error
+from chatstream_cluster.gateway.errors import APIError, as_api_error, redis_unavailable
 from chatstream_cluster.gateway.feedback import FeedbackHook
 from chatstream_cluster.gateway.routes import openai as openai_routes
-from chatstream_cluster.gateway.routes.chatstream import ENDPOINTS, ChatStreamAPI
-from chatstream_cluster.gateway.sessions import HISTORY_CHAR_BUDGET
+from chatstream_cluster.gateway.routes.chatstream import ENDPOINTS
+from chatstream_cluster.gateway.sessions.history import HISTORY_CHAR_BUDGET
 from chatstream_cluster.gateway.state import GatewayState
 from chatstream_cluster.shared.redis_client import REDIS_ERRORS
 from chatstream_cluster.shared.settings import DEFAULT_SESSION_SECRET, GatewaySettings
@@ -210,11 +211,7 @@ class ChatStreamCluster(ChatStreamAPI):
 async def _openai_error(_request: Request, exc: Exception) -> Response:
     """The OpenAI routes' errors as the gateway app answers them (only for our exception types;
     the app's own handlers stay as they are)."""
-    if isinstance(exc, ValidationError):
-        return validation_error(list(exc.errors())).response()
-    if isinstance(exc, APIError):
-        return exc.response()
-    return redis_unavailable().response()
+    return as_api_error(exc).response()
 
 
 async def _client_gone(_request: Request, _exc: Exception) -> Response:

@@ -47,7 +47,7 @@ TOKENS = Counter(
 OPEN_STREAMS = Gauge(
     "chatstream_open_streams", "Streams this gateway is relaying now.", registry=REGISTRY
 )
-for _reason in ("queue_full", "queue_timeout", "per_key_limit", "per_session_limit"):
+for _reason in ("queue_full", "queue_timeout", "per_key_limit"):
     REJECTED.labels(reason=_reason)
 
 

@@ -10,8 +10,8 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from chatstream_cluster.gateway.disconnect import wait_for_disconnect
+from chatstream_cluster.gateway.generation import DISCONNECTED_WHILE_STREAMING, Generation
 from chatstream_cluster.gateway.metrics import OPEN_STREAMS
-from chatstream_cluster.gateway.relay import DISCONNECTED_WHILE_STREAMING, Generation
 
 
 class GenerationResponse(Response):

@@ -164,6 +164,24 @@ class JobQueue:
         if entry_ids:
             await self.redis.xclaim(self.keys.jobs, JOBS_GROUP, consumer, 0, entry_ids, justid=True)
 
+    async def prune_consumers(self, live: set[str], min_idle_s: float) -> list[str]:
+        """Remove the consumers of dead workers from the group: those not in `live`, idle for
+        `min_idle_s` and holding no pending entry (their jobs were claimed by others already;
+        XGROUP DELCONSUMER would drop pending entries). Returns the names removed."""
+        try:
+            consumers = await self.redis.xinfo_consumers(self.keys.jobs, JOBS_GROUP)
+        except ResponseError:  # no stream or group yet
+            return []
+        gone = []
+        for consumer in consumers:
+            name = consumer["name"]
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            if name in live or consumer["pending"] or consumer["idle"] < min_idle_s * 1000:
+                continue
+            await self.redis.xgroup_delconsumer(self.keys.jobs, JOBS_GROUP, name)
+            gone.append(name)
+        return gone
+
     async def begin_attempt(self, job_id: str, worker_id: str) -> tuple[int, bool]:
         """Bump the job's fence; returns (attempt, cancelled)."""
         attempt, cancelled = await self._begin(keys=[self.keys.job_meta(job_id)], args=[worker_id])

@@ -64,7 +64,7 @@ class Keys:
     # --- registries ------------------------------------------------------------------------
     @property
     def workers(self) -> str:
-        """Sorted set: worker id -> last heartbeat (ms, Redis clock)."""
+        """Sorted set: worker id -> heartbeat expiry (ms, Redis clock)."""
         return self._k("workers")
 
     def worker(self, worker_id: str) -> str:
@@ -73,8 +73,12 @@ class Keys:
 
     @property
     def gateways(self) -> str:
-        """Sorted set: gateway id -> last heartbeat (ms, Redis clock)."""
+        """Sorted set: gateway id -> heartbeat expiry (ms, Redis clock)."""
         return self._k("gateways")
+
+    def gateway(self, gateway_id: str) -> str:
+        """Hash describing one gateway (its admission settings); expires with its heartbeats."""
+        return self._k("gateway", safe_id(gateway_id))
 
     # --- semaphore -------------------------------------------------------------------------
     def sem_holders(self, name: str) -> str:
@@ -93,7 +97,7 @@ class Keys:
         """Counter handing out FIFO tickets."""
         return self._k("sem", "{" + safe_id(name) + "}", "ticket")
 
-    # --- sessions, feedback, metrics -------------------------------------------------------
+    # --- sessions, feedback -----------------------------------------------------------------
     def session(self, session_id: str) -> str:
         """Hash of one ChatStream session (history, params, timestamps)."""
         return self._k("session", safe_id(session_id))
@@ -106,8 +110,3 @@ class Keys:
     def feedback(self) -> str:
         """Stream of /set_feedback entries."""
         return self._k("feedback")
-
-    @property
-    def metrics(self) -> str:
-        """Hash of cluster-wide counters (rejections, tokens)."""
-        return self._k("metrics")

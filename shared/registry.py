@@ -1,14 +1,24 @@
-"""The worker registry: heartbeats in, the list of live workers out (Redis clock only)."""
+"""Registries of live processes: heartbeats in, the list of live members out (Redis clock only).
+
+A registry is a sorted set of ids scored by heartbeat expiry plus one hash per member holding
+its info (JSON). `WorkerRegistry` lists the workers (what they serve, their load); the
+`GatewayRegistry` lists the gateways with the admission settings they enforce, so that
+`chatstream status` reports the capacity the gateways really use.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
 import orjson
 import redis.asyncio as aioredis
+from pydantic import BaseModel
 
 from chatstream_cluster.shared.keys import Keys
-from chatstream_cluster.shared.schemas import WorkerInfo
+from chatstream_cluster.shared.schemas import GatewayInfo, WorkerInfo
 
-# KEYS: workers zset, worker hash. ARGV: id, ttl_ms, info json. Score = expiry (server ms).
+# KEYS: members zset, member hash. ARGV: id, ttl_ms, info json. Score = expiry (server ms).
 _HEARTBEAT = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -18,7 +28,7 @@ redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return now
 """
 
-# KEYS: workers zset. Purges expired ids, returns {now_ms, id1, id2, ...}.
+# KEYS: members zset. Purges expired ids, returns {now_ms, id1, id2, ...}.
 _LIVE = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -28,48 +38,70 @@ table.insert(ids, 1, now)
 return ids
 """
 
+Info = TypeVar("Info", bound=BaseModel)
 
-class WorkerRegistry:
-    """Register workers and list the live ones."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+class Registry(Generic[Info]):
+    """Register members (each with an `id`) and list the live ones."""
+
+    def __init__(
+        self, redis: aioredis.Redis, members: str, member_key: Callable[[str], str],
+        model: type[Info],
+    ) -> None:
         self.redis = redis
-        self.keys = keys
+        self.members = members
+        self.member_key = member_key
+        self.model = model
         self._heartbeat = redis.register_script(_HEARTBEAT)
         self._live = redis.register_script(_LIVE)
 
-    async def heartbeat(self, info: WorkerInfo, ttl_s: float) -> None:
+    async def heartbeat(self, info: Info, ttl_s: float) -> None:
         """Announce `info` for the next `ttl_s` seconds."""
+        member_id = info.id  # type: ignore[attr-defined]
         await self._heartbeat(
-            keys=[self.keys.workers, self.keys.worker(info.id)],
-            args=[info.id, int(ttl_s * 1000), info.model_dump_json()],
+            keys=[self.members, self.member_key(member_id)],
+            args=[member_id, int(ttl_s * 1000), info.model_dump_json()],
         )
 
-    async def remove(self, worker_id: str) -> None:
+    async def remove(self, member_id: str) -> None:
         """Leave the registry at once (clean shutdown)."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zrem(self.keys.workers, worker_id)
-            pipe.delete(self.keys.worker(worker_id))
+            pipe.zrem(self.members, member_id)
+            pipe.delete(self.member_key(member_id))
             await pipe.execute()
 
-    async def live(self) -> list[tuple[WorkerInfo, float]]:
-        """Live workers with the seconds since their last heartbeat, sorted by id."""
-        reply = await self._live(keys=[self.keys.workers])
+    async def live(self) -> list[tuple[Info, float]]:
+        """Live members with the seconds since their last heartbeat, sorted by id."""
+        reply = await self._live(keys=[self.members])
         now_ms, ids = int(reply[0]), [i.decode() for i in reply[1:]]
         if not ids:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
-            for wid in ids:
-                pipe.hmget(self.keys.worker(wid), "info", "heartbeat_ms")
+            for member_id in ids:
+                pipe.hmget(self.member_key(member_id), "info", "heartbeat_ms")
             rows = await pipe.execute()
         out = []
         for info_json, beat in rows:
             if info_json is None:
                 continue
-            info = WorkerInfo.model_validate(orjson.loads(info_json))
+            info = self.model.model_validate(orjson.loads(info_json))
             out.append((info, max(0.0, (now_ms - int(beat or now_ms)) / 1000)))
-        return sorted(out, key=lambda pair: pair[0].id)
+        return sorted(out, key=lambda pair: pair[0].id)  # type: ignore[attr-defined]
 
-    async def is_alive(self, worker_id: str) -> bool:
-        """True when `worker_id` heartbeated within its TTL."""
-        return any(info.id == worker_id for info, _age in await self.live())
+    async def is_alive(self, member_id: str) -> bool:
+        """True when `member_id` heartbeated within its TTL."""
+        return any(info.id == member_id for info, _age in await self.live())  # type: ignore[attr-defined]
+
+
+class WorkerRegistry(Registry[WorkerInfo]):
+    """The live workers."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+        super().__init__(redis, keys.workers, keys.worker, WorkerInfo)
+
+
+class GatewayRegistry(Registry[GatewayInfo]):
+    """The live gateways and the admission settings each one enforces."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+        super().__init__(redis, keys.gateways, keys.gateway, GatewayInfo)

@@ -145,6 +145,18 @@ class WorkerInfo(BaseModel):
     tokens_per_s: float = 0.0
 
 
+class GatewayInfo(BaseModel):
+    """A gateway's registry entry: who it is and the admission settings it enforces."""
+
+    id: str
+    pid: int
+    host: str
+    max_concurrent: int = 0  # 0 = derived from the live workers
+    max_queue: int = 0
+    started_ms: int = 0
+    draining: bool = False
+
+
 class ControlMessage(BaseModel):
     """Gateway -> workers broadcast."""
 

@@ -124,7 +124,6 @@ class GatewaySettings(CommonSettings):
     )
     admin_key: str = Field("", description="Key protecting /admin/* and /metrics.")
     max_concurrent_per_key: int = Field(0, ge=0, description="Cap per API key; 0 = none.")
-    max_concurrent_per_session: int = Field(0, ge=0, description="Cap per session; 0 = none.")
     session_secret: str = Field(
         DEFAULT_SESSION_SECRET, description="Secret that signs the sid cookie."
     )

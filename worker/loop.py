@@ -201,7 +201,7 @@ class Worker:
 
     # --- intake ----------------------------------------------------------------------------
     async def _intake(self) -> None:
-        last_reclaim = 0.0
+        last_reclaim = last_prune = 0.0
         while not self._draining.is_set():
             free = self.engine.max_batch - len(self.active)
             if free <= 0:
@@ -213,6 +213,9 @@ class Worker:
                 if time.monotonic() - last_reclaim > self.settings.job_claim_idle / 2:
                     last_reclaim = time.monotonic()
                     entries = await self.queue.reclaim(self.id, self.settings.job_claim_idle, free)
+                if not entries and time.monotonic() - last_prune > self._prune_after_s:
+                    last_prune = time.monotonic()
+                    await self._prune_dead_consumers()
                 if not entries:
                     entries = await self.queue.read(self.id, free, block_ms=500)
             except (*REDIS_ERRORS, RedisError) as exc:
@@ -224,6 +227,18 @@ class Worker:
                 if self._draining.is_set():
                     break  # unacknowledged: another worker reclaims it
                 await self._retry_forever(lambda e=entry: self._start_job(e), "start job")
+
+    @property
+    def _prune_after_s(self) -> float:
+        """A consumer silent this long whose worker left the registry is dead for sure."""
+        return 2 * max(self.settings.worker_ttl, self.settings.job_claim_idle)
+
+    async def _prune_dead_consumers(self) -> None:
+        """Drop dead workers' consumers (pending entries already claimed) from the group, so
+        it does not grow with every worker start."""
+        live = {info.id for info, _age in await self.registry.live()} | {self.id}
+        for name in await self.queue.prune_consumers(live, self._prune_after_s):
+            log.info("removed a dead worker's consumer", extra={"consumer": name})
 
     async def _start_job(self, entry: JobEntry) -> None:
         spec = entry.spec

@@ -18,7 +18,6 @@ from redis.exceptions import RedisError
 
 from chatstream_cluster.gateway.auth import require_admin
 from chatstream_cluster.gateway.metrics import CLUSTER_GAUGES, REGISTRY, set_cluster_gauges
-from chatstream_cluster.shared.cluster_status import cluster_status
 from chatstream_cluster.shared.redis_client import REDIS_ERRORS
 
 log = logging.getLogger("chatstream.gateway")
@@ -29,14 +28,14 @@ router = APIRouter(dependencies=[Depends(require_admin)])
 
 
 async def _status(request: Request) -> dict[str, Any]:
-    state = request.app.state.gateway
-    return await cluster_status(state.redis, state.keys, state.settings.max_concurrent)
+    return await request.app.state.gateway.cluster_status()
 
 
 @router.get("/admin/status")
 async def admin_status(request: Request) -> dict[str, Any]:
     """Cluster-wide: queue_depth (waiting_for_permit + undelivered_jobs), running (permits
-    held), capacity, and the live workers. 503 when Redis does not answer."""
+    held), capacity (the gateways' cap), and the live gateways and workers. 503 when Redis does
+    not answer."""
     return await _status(request)
 
 

@@ -158,6 +158,18 @@ def test_killed_worker_streams_continue_on_survivor_exactly(cluster) -> None:  #
 
     wait_until(true_values, 10, interval=0.2, what="permits, queue depth and workers to settle")
     assert sem_counts(cluster.redis_url, cluster.key_prefix) == (0, 0)
+    # The dead worker's consumer leaves the group once its jobs are claimed.
+    wait_until(lambda: consumers(cluster) == [survivor.settings["worker_id"]], 15,
+               interval=0.2, what="the dead worker's consumer to be removed")
+
+
+def consumers(cluster) -> list[str]:  # noqa: ANN001
+    client = syncredis.Redis.from_url(cluster.redis_url)
+    try:
+        rows = client.xinfo_consumers(Keys(cluster.key_prefix).jobs, "workers")
+        return sorted(row["name"].decode() for row in rows)
+    finally:
+        client.close()
 
 
 def test_paused_worker_late_writes_are_fenced(cluster) -> None:  # noqa: ANN001

@@ -1,11 +1,11 @@
-"""One generation from admission to cleanup, and the ordered, gap-free stream of its events.
+"""The lifecycle of one generation on this gateway: admission, enqueue, events, cleanup.
 
 `Generation.start()` waits for a live worker, takes a permit, enqueues the job (the
 dispatcher's subscription already exists) and waits for the first event, so errors found
 before any text (queue full, prompt too long, no worker) become plain HTTP errors.
-`events()` yields events strictly in sequence order: duplicates are dropped and gaps (lost
-pub/sub messages) are filled from the job's event stream. `close()` always runs (shielded from
-cancellation): cancel the job if unfinished, release the permit, count, call the hooks.
+`events()` yields the job's events in sequence order (gateway/event_order.py), reading the
+job's event stream when pub/sub lost some. `close()` always runs (shielded from cancellation):
+cancel the job if unfinished, release the permits, count, call the hooks.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 from redis.exceptions import RedisError
 
 from chatstream_cluster.gateway.disconnect import ClientDisconnected, run_until_disconnect
-from chatstream_cluster.gateway.errors import APIError, redis_unavailable
+from chatstream_cluster.gateway.errors import APIError, as_api_error, describe, redis_unavailable
+from chatstream_cluster.gateway.event_order import EventOrder
 from chatstream_cluster.gateway.metrics import REQUESTS, TOKENS, TTFT
 from chatstream_cluster.shared.events import read_events
 from chatstream_cluster.shared.jobqueue import UNKNOWN
@@ -77,8 +78,8 @@ class Generation:
         self.return_prompt = return_prompt
         self.created = time.monotonic()
         self.close_hooks: list[CloseHook] = []
-        # Caps besides the cluster's (per API key, per session: admission.limit_permits), taken
-        # before the global permit, released in cleanup; the permit id is the job id.
+        # Caps besides the cluster's (per API key: Admission.extra_permits), taken before the
+        # global permit, released in cleanup; the permit id is the job id.
         self.extra_permits: list[ExtraPermit] = []
         self.text = ""
         self.tokens = 0
@@ -88,10 +89,7 @@ class Generation:
         self.error: JobError | None = None
         self._entry_id: str | None = None
         self._inbox = None
-        self._next_seq = resume[1] + 1 if resume else 1
-        self._resume_floor = 0  # stored events up to here may end in a stale "cancelled"
-        self._held: dict[int, TokenEvent] = {}
-        self._ready: list[TokenEvent] = []
+        self._order = EventOrder(resume[1] + 1 if resume else 1)
         self._first: TokenEvent | None = None
         self._ttft_seen = False
         self._closed = False
@@ -175,7 +173,7 @@ class Generation:
                 param="Last-Event-ID",
             )
         stored = await read_events(st.redis, st.keys, self.job_id)
-        self._resume_floor = stored[-1].seq if stored else 0
+        self._order = EventOrder(self._order.next_seq, stored[-1].seq if stored else 0)
         spec = spec.model_copy(
             update={"reply_channel": st.dispatcher.channel, "return_prompt": False}
         )
@@ -218,38 +216,29 @@ class Generation:
             self.finish_reason = event.finish_reason
             self.error = event.error
 
-    def _take(self, event: TokenEvent) -> None:
-        if event.seq < self._next_seq or event.seq in self._held:
-            return  # duplicate (repair and pub/sub both delivered it)
-        if event.finish_reason == "cancelled" and event.seq <= self._resume_floor:
-            event = event.model_copy(update={"finish_reason": None, "usage": None})
-        self._held[event.seq] = event
-        while self._next_seq in self._held:
-            self._ready.append(self._held.pop(self._next_seq))
-            self._next_seq += 1
-
     async def _repair(self) -> None:
         """Fill gaps from the job's event stream."""
+        order = self._order
         for event in await read_events(
-            self.state.redis, self.state.keys, self.job_id, after_seq=self._next_seq - 1
+            self.state.redis, self.state.keys, self.job_id, after_seq=order.next_seq - 1
         ):
-            self._take(event)
+            order.take(event)
 
     async def _next_event(self, deadline: float | None) -> TokenEvent | None:
         """The next event in order; None when `deadline` passes first."""
-        inbox = self._inbox
+        inbox, order = self._inbox, self._order
         silent_since = time.monotonic()
         no_worker_since: float | None = None
         while True:
             while inbox.events:
-                self._take(inbox.events.popleft())
-            if self._ready:
-                return self._ready.pop(0)
+                order.take(inbox.events.popleft())
+            if order.ready:
+                return order.pop()
             try:
-                if inbox.maybe_lost or self._held:
+                if inbox.maybe_lost or order.has_gap:
                     inbox.maybe_lost = False
                     await self._repair()
-                    if self._ready:
+                    if order.ready:
                         continue
             except (*REDIS_ERRORS, RedisError):
                 pass
@@ -276,7 +265,7 @@ class Generation:
             if time.monotonic() - silent_since > REDIS_DOWN_GRACE_S:
                 return self._error_event("redis_unavailable", "lost contact with Redis")
             return no_worker_since
-        if self._ready or not workers.redis_ok:
+        if self._order.ready or not workers.redis_ok:
             return no_worker_since
         if workers.workers:
             return None
@@ -292,7 +281,7 @@ class Generation:
         log.warning(message, extra=self.log_ctx)
         return TokenEvent(
             job_id=self.job_id,
-            seq=self._next_seq,
+            seq=self._order.next_seq,
             attempt=0,
             tokens=self.tokens,
             finish_reason="error",
@@ -325,7 +314,7 @@ class Generation:
         try:
             if unfinished:
                 await st.queue.cancel(self.job_id)
-                if self._ready == [] and self.tokens == 0 and not self.text:
+                if not self._order.pending and self.tokens == 0 and not self.text:
                     await st.queue.withdraw(self._entry_id)
         except (*REDIS_ERRORS, RedisError) as exc:
             log.warning("could not cancel job", extra={**self.log_ctx, "error": str(exc)})
@@ -343,16 +332,17 @@ class Generation:
 
 
 async def run_generation(gen: Generation, receive: Receive | None) -> None:
-    """`gen.start()`, closing `gen` with the right status when it fails."""
+    """`gen.start()`, closing `gen` with the right status when it fails: the one place that
+    turns a failed start into a close status (the ChatStream callback's
+    `unknown_error_occurred,<code>: <message>`) and re-raises for the route to answer."""
     try:
         await gen.start(receive)
     except ClientDisconnected:
         await gen.close(DISCONNECTED_BEFORE_STREAMING)
         raise
-    except APIError as exc:
-        await gen.close(
-            UNKNOWN_ERROR, detail=exc.code or str(exc.status), label=f"http_{exc.status}"
-        )
+    except Exception as exc:
+        err = as_api_error(exc)
+        await gen.close(UNKNOWN_ERROR, detail=describe(err), label=f"http_{err.status}")
         raise
     except BaseException:
         await gen.close(UNKNOWN_ERROR)
