@@ -28,7 +28,17 @@ CAPACITY = Gauge(
     registry=REGISTRY,
 )
 WORKERS = Gauge("chatstream_workers", "Live workers.", ["scope"], registry=REGISTRY)
-CLUSTER_GAUGES = (QUEUE_DEPTH, RUNNING, CAPACITY, WORKERS)
+WAITING_IN_WORKERS = Gauge(
+    "chatstream_waiting_in_workers",
+    "Requests inside workers waiting for a batch slot or KV cache, cluster-wide.", ["scope"],
+    registry=REGISTRY,
+)
+KV_USAGE = Gauge(
+    "chatstream_kv_cache_usage_ratio",
+    "Share of a worker's KV cache reserved by its running requests (0-1).", ["worker"],
+    registry=REGISTRY,
+)
+CLUSTER_GAUGES = (QUEUE_DEPTH, RUNNING, CAPACITY, WORKERS, WAITING_IN_WORKERS)
 
 REJECTED = Counter(
     "chatstream_rejected_total", "Requests refused by admission, by reason.", ["reason"],
@@ -57,3 +67,8 @@ def set_cluster_gauges(status: dict[str, Any]) -> None:
     RUNNING.labels(scope="cluster").set(status["running"])
     CAPACITY.labels(scope="cluster").set(status["capacity"])
     WORKERS.labels(scope="cluster").set(len(status["workers"]))
+    WAITING_IN_WORKERS.labels(scope="cluster").set(status["waiting_in_workers"])
+    KV_USAGE.clear()  # a worker that left takes its series with it
+    for w in status["workers"]:
+        if w["kv_tokens_total"]:
+            KV_USAGE.labels(worker=w["id"]).set(w["kv_tokens_used"] / w["kv_tokens_total"])

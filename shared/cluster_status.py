@@ -9,7 +9,9 @@ ChatStream's /get_load and `chatstream status`.
   not draining workers' `--max-batch` (what the gateways' admission derives).
 - `gateways`: the live gateways and the admission settings each enforces.
 - `workers`: the live workers, sorted by id; one that missed its heartbeats for
-  `--worker-ttl` is gone from the list.
+  `--worker-ttl` is gone from the list. Each reports `waiting` (requests inside it that wait
+  for a batch slot or KV cache) and `kv_tokens_used`/`kv_tokens_total` (its KV cache).
+- `waiting_in_workers`: the workers' `waiting`, summed.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ async def cluster_status(redis: aioredis.Redis, keys: Keys) -> dict[str, Any]:
             "max_batch": w.max_batch,
             "draining": w.draining,
             "tokens_per_s": w.tokens_per_s,
+            "waiting": w.waiting,
+            "kv_tokens_used": w.kv_tokens_used,
+            "kv_tokens_total": w.kv_tokens_total,
             "last_heartbeat_s": round(age, 3),
         }
         for w, age in live
@@ -65,5 +70,6 @@ async def cluster_status(redis: aioredis.Redis, keys: Keys) -> dict[str, Any]:
              "last_heartbeat_s": round(age, 3)}
             for g, age in gateways
         ],
+        "waiting_in_workers": sum(w["waiting"] for w in workers),
         "workers": workers,
     }

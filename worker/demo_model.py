@@ -17,7 +17,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-
 DEMO_NAME = "demo-llama-v1"
 DEMO_SEED = 1234
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
