@@ -40,7 +40,7 @@ from chatstream_cluster.worker.engine.runner import Runner
 from chatstream_cluster.worker.engine.sampling import sample, suppress_mask
 from chatstream_cluster.worker.engine.scheduler import Scheduler, StepPlan
 from chatstream_cluster.worker.engine.sequence import Sequence
-from chatstream_cluster.worker.engine.sizing import plan_kv
+from chatstream_cluster.worker.engine.sizing import fit_max_len, plan_kv
 from chatstream_cluster.worker.engine_api import EngineLoad, GenerationRequest, StepOutput
 
 log = logging.getLogger("chatstream.worker")
@@ -97,24 +97,25 @@ class HFEngine:
             max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
             profile=lambda: self._profile(shapes, kv_dtype),
         )
-        self.max_context = plan.max_len
         self.kv = make_kv_cache(kv_layout, shapes, kv_dtype, self.device, max_batch,
                                 plan.max_len, plan.budget_bytes)
+        # The cache rounds its size down to whole blocks/pages: the longest sequence must fit.
+        self.max_context = fit_max_len(plan.max_len, self.kv.tokens_total, max_model_len)
         self.faults = FaultPlan.from_env()
-        self.runner = Runner(self.model, self.kv, plan.max_len, fast_forward, self.faults)
+        self.runner = Runner(self.model, self.kv, self.max_context, fast_forward, self.faults)
         self.fast_forward = self.runner.fast
-        self_check(self.runner, self.kv, self.model, ids[: plan.max_len],
-                   reference[: plan.max_len])
+        self_check(self.runner, self.kv, self.model, ids[: self.max_context],
+                   reference[: self.max_context])
         self._eos = eos_ids(self.model, self.tokenizer)
         self._suppress = suppress_mask(self.model, self.device)
-        self.scheduler = Scheduler(self.kv, max_batch, plan.max_len, self.chunk_tokens)
+        self.scheduler = Scheduler(self.kv, max_batch, self.max_context, self.chunk_tokens)
         self._lock = threading.Lock()
         self._inbox: list[Sequence] = []
         self._cancels: set[str] = set()
         log.info("engine ready", extra={
             "model": model, "device": str(self.device), "kv_layout": self.kv.layout,
             "kv_tokens": self.kv.tokens_total, "kv_bytes": plan.budget_bytes,
-            "max_model_len": plan.max_len, "prefill_chunk_tokens": self.chunk_tokens,
+            "max_model_len": self.max_context, "prefill_chunk_tokens": self.chunk_tokens,
             "fast_path": self.fast_forward,
         })
 

@@ -50,7 +50,8 @@ class MappedRowsKV:
         self.cap = -(-max_len // step) * step
         self.max_len = max_len
         granule = max(1, max(PAGE // (s.head_dim * size) for s in shapes))
-        self.budget = TokenBudget(min(tokens, max_batch * self.cap), granule)
+        total = min(tokens, max_batch * self.cap) // granule * granule
+        self.budget = TokenBudget(total, granule)
         self._maps: list[mmap.mmap] = []
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []

@@ -90,3 +90,14 @@ def cuda_budget(
              extra={"total": total, "peak": peak, "outside_torch": outside_torch,
                     "budget": budget})
     return max(0, budget)
+
+
+def fit_max_len(max_len: int, cache_tokens: int, explicit: int) -> int:
+    """`max_len`, or what the cache holds when that is less (refused if it was explicit)."""
+    if cache_tokens >= max_len:
+        return max_len
+    if explicit:
+        raise UnsupportedModel(
+            f"--max-model-len {explicit} does not fit the KV cache ({cache_tokens} tokens)"
+        )
+    return cache_tokens
