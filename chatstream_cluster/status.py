@@ -35,7 +35,7 @@ def render_table(status: dict) -> str:
         f"   waiting in workers {status.get('waiting_in_workers', 0)}",
         "",
         f"{'ID':<28} {'PID':>7} {'HOST':<16} {'MODEL':<12} {'DEVICE':<8} {'RUN':>4} "
-        f"{'MAX':>4} {'WAIT':>4} {'KV USED/TOTAL':>15} {'TOK/S':>8} {'BEAT_S':>6}  STATE",
+        f"{'MAX':>4} {'WAIT':>4} {'KV_TOKENS':>15} {'TOK/S':>8} {'BEAT_S':>6}  STATE",
     ]
     for w in status["workers"]:
         lines.append(

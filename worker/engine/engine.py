@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import torch
 from chatstream_cluster.shared.schemas import JobError
@@ -38,7 +39,7 @@ from chatstream_cluster.worker.engine.model_check import (
 from chatstream_cluster.worker.engine.prompt import render
 from chatstream_cluster.worker.engine.runner import Runner
 from chatstream_cluster.worker.engine.sampling import sample, suppress_mask
-from chatstream_cluster.worker.engine.scheduler import Scheduler, StepPlan
+from chatstream_cluster.worker.engine.scheduler import ChunkBudget, Scheduler, StepPlan
 from chatstream_cluster.worker.engine.sequence import Sequence
 from chatstream_cluster.worker.engine.sizing import fit_max_len, plan_kv
 from chatstream_cluster.worker.engine_api import EngineLoad, GenerationRequest, StepOutput
@@ -46,10 +47,10 @@ from chatstream_cluster.worker.engine_api import EngineLoad, GenerationRequest, 
 log = logging.getLogger("chatstream.worker")
 
 # Prompt tokens prefilled per step (with that step's decodes) when --prefill-chunk-tokens is
-# 0. On CPU a chunk costs compute the running streams wait for: 256 keeps their gaps while a
-# 2,000-token prompt is prefilled under 3x their median (bench: `python -m bench
-# --scenarios stall`); on a GPU a big chunk costs little more than a small one.
-CHUNK_TOKENS = {"cpu": 256}
+# 0. On CPU a step's time grows with its tokens, so while streams decode the chunk adapts to
+# keep a step within 2.5x a decode-only one (scheduler.ChunkBudget; bench: `python -m bench
+# --scenarios stall`), up to 512; on a GPU a big chunk costs little more than a small one.
+CHUNK_TOKENS = {"cpu": 512}
 CHUNK_TOKENS_DEFAULT = 2048
 
 
@@ -108,7 +109,9 @@ class HFEngine:
                    reference[: self.max_context])
         self._eos = eos_ids(self.model, self.tokenizer)
         self._suppress = suppress_mask(self.model, self.device)
-        self.scheduler = Scheduler(self.kv, max_batch, self.max_context, self.chunk_tokens)
+        adaptive = not prefill_chunk_tokens and self.device.type == "cpu"
+        self.chunk = ChunkBudget(self.chunk_tokens, adaptive)
+        self.scheduler = Scheduler(self.kv, max_batch, self.max_context, self.chunk)
         self._lock = threading.Lock()
         self._inbox: list[Sequence] = []
         self._cancels: set[str] = set()
@@ -248,7 +251,10 @@ class HFEngine:
             self.scheduler.release(seq)
 
     def _run(self, plan: StepPlan, outputs: list[StepOutput]) -> None:
+        started = time.perf_counter()
         logits = self.runner.run(plan)
+        self.chunk.record(len(plan.decodes), sum(n for _, n in plan.chunks),
+                          time.perf_counter() - started)
         # The forward succeeded: only now does the sequences' state move on.
         sampled = list(plan.decodes)
         for seq, n in plan.chunks:

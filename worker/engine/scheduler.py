@@ -3,8 +3,9 @@
 Every step, in order:
 
 1. each running sequence whose prompt is in the cache decodes one token;
-2. sequences still prefilling get the next chunk of their prompt, oldest first, up to
-   `chunk_tokens` prompt tokens in the step;
+2. sequences still prefilling get the next chunk of their prompt, oldest first, up to the
+   step's prompt-token budget (`ChunkBudget`: `--prefill-chunk-tokens`, or on CPU as many as
+   keep the step within 2.5x a decode-only step);
 3. while that budget lasts, waiting requests are admitted (FIFO) if a batch slot is free and
    the KV cache can reserve their prompt plus what they may still generate; the head of the
    line waits until it fits (no one overtakes it), so a long request is not starved.
@@ -33,21 +34,65 @@ class StepPlan:
         return bool(self.decodes or self.chunks)
 
 
+class ChunkBudget:
+    """Prompt tokens per step: fixed, or (`adaptive`) as many as keep a step that also decodes
+    within `ratio` x a decode-only step, from the step times measured as the engine runs.
+
+    The adaptive rule is for CPUs, where a step's time grows with its tokens: there a fixed
+    chunk either stalls the running streams (too big) or slows the long prompt (too small,
+    each step also paying for the decodes). While nothing decodes, a prompt gets `tokens`.
+    """
+
+    FLOOR = 16  # never fewer prompt tokens per step than this
+    FIRST = 64  # while the cost of a prompt token is unknown
+    SMOOTH = 0.3  # weight of the newest measurement
+
+    def __init__(self, tokens: int, adaptive: bool = False, ratio: float = 2.5):
+        self.max = tokens
+        self.adaptive = adaptive
+        self.ratio = ratio
+        self.decode_s: float | None = None  # a decode-only step
+        self.token_s: float | None = None  # one more prompt token in a step
+
+    def tokens(self, decoding: int) -> int:
+        if not self.adaptive or not decoding:
+            return self.max
+        if self.decode_s is None or self.token_s is None:
+            return min(self.max, self.FIRST)
+        room = (self.ratio - 1) * self.decode_s / max(self.token_s, 1e-9)
+        return int(min(self.max, max(self.FLOOR, room)))
+
+    def record(self, decodes: int, prompt_tokens: int, seconds: float) -> None:
+        """A step ran `decodes` decodes and `prompt_tokens` prompt tokens in `seconds`."""
+        if not self.adaptive:
+            return
+        if not prompt_tokens:
+            if decodes:
+                self.decode_s = self._mix(self.decode_s, seconds)
+        elif prompt_tokens >= self.FLOOR:
+            base = self.decode_s if decodes and self.decode_s is not None else 0.0
+            self.token_s = self._mix(self.token_s, max(seconds - base, 0.0) / prompt_tokens)
+
+    def _mix(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.SMOOTH * (new - old)
+
+
 class Scheduler:
     """The waiting line and the running batch of one engine."""
 
-    def __init__(self, kv, max_batch: int, max_len: int, chunk_tokens: int):  # noqa: ANN001
+    def __init__(self, kv, max_batch: int, max_len: int, chunk: ChunkBudget):  # noqa: ANN001
         self.kv = kv
         self.max_batch = max_batch
         self.max_len = max_len
-        self.chunk_tokens = chunk_tokens
+        self.chunk = chunk
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # index == KV row
 
     def plan(self) -> StepPlan:
         """Decide this step (admitting what fits); the caller runs it, then `advance`s."""
         plan = StepPlan()
-        budget = self.chunk_tokens
+        decoding = sum(1 for seq in self.running if seq.prefilled)
+        budget = self.chunk.tokens(decoding)
         for seq in self.running:
             if seq.prefilled:
                 plan.decodes.append(seq)
