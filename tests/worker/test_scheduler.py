@@ -1,5 +1,5 @@
-"""The prefill chunk budget: fixed when set; on CPU sized from measured step times so a step
-that also decodes stays within 2.5x a decode-only step."""
+"""The prefill chunk budget: fixed when set; on CPU steered from measured step times so a step
+that also decodes takes about 2.5x a decode-only step."""
 
 from __future__ import annotations
 
@@ -13,15 +13,24 @@ def test_fixed_budget_ignores_timings() -> None:
     assert budget.tokens(8) == 256 and budget.tokens(0) == 256
 
 
-def test_adaptive_budget_keeps_mixed_steps_near_the_decode_pace() -> None:
+def test_adaptive_budget_converges_to_the_target_step_time() -> None:
     budget = ChunkBudget(512, adaptive=True)
     assert budget.tokens(0) == 512  # nothing decodes: the prompt goes at full speed
-    assert budget.tokens(8) == ChunkBudget.FIRST  # costs unknown yet: a small chunk
-    budget.record(8, 0, 0.010)  # a decode-only step: 10 ms
-    budget.record(8, 64, 0.010 + 64 * 0.0005)  # 0.5 ms per prompt token on top
-    assert budget.tokens(8) == 30  # (2.5 - 1) x 10 ms / 0.5 ms
-    assert budget.tokens(0) == 512
-    budget.record(8, 0, 0.200)  # decoding got much slower: room for more prompt per step
-    assert 30 < budget.tokens(8) <= 512
-    budget.record(8, 30, 10.0)  # a very slow prompt token: never under the floor
-    assert budget.tokens(8) >= ChunkBudget.FLOOR
+    assert budget.tokens(8) == ChunkBudget.FIRST  # before any measurement
+    decode, fixed, per_token = 0.010, 0.006, 0.0005  # a step: fixed + decodes + tokens
+
+    def step(tokens: int) -> float:
+        return fixed + decode + tokens * per_token
+
+    for _ in range(3):
+        budget.record(8, 0, decode + fixed)
+    for _ in range(30):
+        chunk = budget.tokens(8)
+        budget.record(8, chunk, step(chunk))
+    target = 2.5 * (decode + fixed)
+    assert abs(step(budget.tokens(8)) - target) < 0.1 * target
+    budget.record(8, 5, 100.0)  # a step that ran less than its chunk says nothing
+    assert abs(step(budget.tokens(8)) - target) < 0.1 * target
+    for _ in range(30):
+        budget.record(8, budget.tokens(8), 10.0)  # very slow tokens: never under the floor
+    assert budget.tokens(8) == ChunkBudget.FLOOR

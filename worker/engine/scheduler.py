@@ -35,46 +35,42 @@ class StepPlan:
 
 
 class ChunkBudget:
-    """Prompt tokens per step: fixed, or (`adaptive`) as many as keep a step that also decodes
-    within `ratio` x a decode-only step, from the step times measured as the engine runs.
+    """Prompt tokens per step: fixed, or (`adaptive`) steered so that a step that also decodes
+    takes about `ratio` x a decode-only step, from the step times measured as the engine runs.
 
     The adaptive rule is for CPUs, where a step's time grows with its tokens: there a fixed
-    chunk either stalls the running streams (too big) or slows the long prompt (too small,
-    each step also paying for the decodes). While nothing decodes, a prompt gets `tokens`.
+    chunk either stalls the running streams (too big) or slows the long prompt (too small: each
+    step also pays the decodes and its own overhead). A feedback loop needs no cost model:
+    after each mixed step the chunk is scaled by target / measured time (at most x2 or /2 a
+    step). While nothing decodes, a prompt gets `tokens` per step.
     """
 
     FLOOR = 16  # never fewer prompt tokens per step than this
-    FIRST = 64  # while the cost of a prompt token is unknown
-    SMOOTH = 0.3  # weight of the newest measurement
+    FIRST = 64  # the first chunk next to running decodes
+    SMOOTH = 0.3  # weight of the newest decode-only step time
 
     def __init__(self, tokens: int, adaptive: bool = False, ratio: float = 2.5):
         self.max = tokens
         self.adaptive = adaptive
         self.ratio = ratio
-        self.decode_s: float | None = None  # a decode-only step
-        self.token_s: float | None = None  # one more prompt token in a step
+        self.decode_s: float | None = None  # a decode-only step (EMA)
+        self.mixed = float(min(tokens, self.FIRST))  # the chunk next to decodes
 
     def tokens(self, decoding: int) -> int:
         if not self.adaptive or not decoding:
             return self.max
-        if self.decode_s is None or self.token_s is None:
-            return min(self.max, self.FIRST)
-        room = (self.ratio - 1) * self.decode_s / max(self.token_s, 1e-9)
-        return int(min(self.max, max(self.FLOOR, room)))
+        return int(self.mixed)
 
     def record(self, decodes: int, prompt_tokens: int, seconds: float) -> None:
         """A step ran `decodes` decodes and `prompt_tokens` prompt tokens in `seconds`."""
-        if not self.adaptive:
+        if not self.adaptive or not decodes:
             return
         if not prompt_tokens:
-            if decodes:
-                self.decode_s = self._mix(self.decode_s, seconds)
-        elif prompt_tokens >= self.FLOOR:
-            base = self.decode_s if decodes and self.decode_s is not None else 0.0
-            self.token_s = self._mix(self.token_s, max(seconds - base, 0.0) / prompt_tokens)
-
-    def _mix(self, old: float | None, new: float) -> float:
-        return new if old is None else old + self.SMOOTH * (new - old)
+            old = self.decode_s
+            self.decode_s = seconds if old is None else old + self.SMOOTH * (seconds - old)
+        elif self.decode_s is not None and prompt_tokens >= int(self.mixed):
+            scale = min(2.0, max(0.5, self.ratio * self.decode_s / max(seconds, 1e-9)))
+            self.mixed = min(float(self.max), max(float(self.FLOOR), self.mixed * scale))
 
 
 class Scheduler:
