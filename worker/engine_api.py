@@ -51,6 +51,11 @@ class StepOutput:
     extra: dict = field(default_factory=dict)
 
 
+class UnsupportedModel(ValueError):
+    """The engine cannot serve this model (or these settings) correctly; the message says why.
+    Raised at start-up, so the worker exits with it instead of serving wrong text."""
+
+
 @dataclass
 class EngineLoad:
     """What an engine reports in the worker's heartbeat: requests waiting inside it (for a

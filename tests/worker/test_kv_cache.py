@@ -113,3 +113,22 @@ def test_paged_blocks_come_back_and_tables_stay_put() -> None:
     assert table[0].tolist() == blocks_of_1 and table[1].tolist() == [0, 0, 0, 0]
     assert kv.fits(48) and not kv.fits(49)
     assert kv.block_tables is table and kv.k[0].data_ptr() == pool  # nothing moved
+
+
+def test_cuda_budget_is_what_utilization_leaves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM's rule, with the device's numbers faked: total x utilization, minus the profiled
+    peak (weights and activations) and what torch does not account for."""
+    from chatstream_cluster.worker.engine import sizing
+
+    gib = 2**30
+    fake = {
+        "empty_cache": lambda: None, "reset_peak_memory_stats": lambda d: None,
+        "synchronize": lambda d: None, "max_memory_allocated": lambda d: 6 * gib,
+        "mem_get_info": lambda d: (70 * gib, 80 * gib), "memory_reserved": lambda d: 8 * gib,
+    }
+    for name, func in fake.items():
+        monkeypatch.setattr(torch.cuda, name, func)
+    profiled = []
+    budget = sizing.cuda_budget(torch.device("cuda", 0), 0.9, lambda: profiled.append(1))
+    assert profiled == [1]
+    assert budget == int(80 * gib * 0.9) - 6 * gib - 2 * gib  # 2 GiB used outside torch

@@ -90,3 +90,10 @@ def test_prompt_longer_than_context_is_a_400_with_both_numbers(
         timeout=60,
     )
     assert ok.status_code == 200
+
+
+def test_a_model_the_engine_cannot_serve_is_refused_at_start(cluster, demo_model_dir) -> None:  # noqa: ANN001
+    worker = cluster.start_worker(demo_model_dir, max_model_len=99999)
+    assert worker.wait(120) == 2
+    assert "cannot serve this model" in worker.log()
+    assert "longer than the model's context (2048)" in worker.log()

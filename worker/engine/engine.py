@@ -172,8 +172,8 @@ class HFEngine:
 
     def reset(self) -> list[str]:
         """After a failed step: drop every request (running, waiting, queued) and free the
-        whole KV cache; returns their ids so the caller can hand them over. Cancels are
-        kept: a dropped request that was being cancelled stays cancelled for its caller."""
+        whole KV cache; returns their ids so the caller can hand them over (a request that
+        was being cancelled stays cancelled: the job's cancel flag lives in Redis)."""
         with self._lock:
             inbox, self._inbox = self._inbox, []
             self._cancels.clear()
@@ -330,11 +330,12 @@ class HFEngine:
         """One forward of the largest step (a full prefill chunk plus a decode per batch
         slot) on a throwaway cache, to measure its activation peak (CUDA sizing)."""
         from chatstream_cluster.worker.engine.batch import build_batch
-        from chatstream_cluster.worker.engine.kv_pool import PagedKV
+        from chatstream_cluster.worker.engine.kv_pool import BLOCK_SIZE, PagedKV
 
         chunk = self.chunk_tokens
+        per_row = -(-(chunk + 1) // BLOCK_SIZE) * BLOCK_SIZE  # whole blocks per reservation
         scratch = PagedKV(shapes, dtype, self.device, self.max_batch + 1, chunk + 1,
-                          (self.max_batch + 1) * (chunk + 1))
+                          (self.max_batch + 1) * per_row)
         runner = Runner(self.model, scratch, chunk + 1, fast=False)
         try:
             for row in range(self.max_batch + 1):

@@ -24,6 +24,9 @@ from chatstream_cluster.worker.engine.batch import build_batch
 from chatstream_cluster.worker.engine.hf_forward import HFForward
 from chatstream_cluster.worker.engine.hf_model import is_quantized, layer_windows
 from chatstream_cluster.worker.engine.kv_cache import KVShape
+from chatstream_cluster.worker.engine_api import UnsupportedModel
+
+__all__ = ["UnsupportedModel", "check_supported", "probe", "probe_ids", "self_check"]
 
 log = logging.getLogger("chatstream.worker")
 
@@ -32,10 +35,6 @@ PROBE_MIN = 24
 PROBE_MAX = 4096 + 8
 # Largest |engine - reference| logit difference, relative to the largest |reference| logit.
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 0.1, torch.bfloat16: 0.1}
-
-
-class UnsupportedModel(ValueError):
-    """The model cannot be served correctly; the message says why."""
 
 
 def check_supported(model: Any) -> None:
