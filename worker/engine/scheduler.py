@@ -42,16 +42,21 @@ class ChunkBudget:
     chunk either stalls the running streams (too big) or slows the long prompt (too small: each
     step also pays the decodes and its own overhead). A feedback loop needs no cost model:
     after each mixed step the chunk is scaled by target / measured time (at most x2 or /2 a
-    step). While nothing decodes, a prompt gets `tokens` per step.
+    step). While nothing decodes, a prompt gets `tokens` per step; prompts of up to `SHORT`
+    tokens are not held to the steered chunk.
     """
 
     FLOOR = 16  # never fewer prompt tokens per step than this
     FIRST = 64  # the first chunk next to running decodes
     SMOOTH = 0.3  # weight of the newest decode-only step time
+    SHORT = 128  # adaptive: a prompt with at most this many tokens left goes whole
 
     def __init__(self, tokens: int, adaptive: bool = False, ratio: float = 2.5):
         self.max = tokens
         self.adaptive = adaptive
+        # Only long prompts are held to the steered chunk (vLLM, too, lets short prefills
+        # through next to long ones): a chat turn's prompt costs its streams one step.
+        self.short = self.SHORT if adaptive else tokens
         self.ratio = ratio
         self.decode_s: float | None = None  # a decode-only step (EMA)
         self.mixed = float(min(tokens, self.FIRST))  # the chunk next to decodes
@@ -68,7 +73,7 @@ class ChunkBudget:
         if not prompt_tokens:
             old = self.decode_s
             self.decode_s = seconds if old is None else old + self.SMOOTH * (seconds - old)
-        elif self.decode_s is not None and prompt_tokens >= int(self.mixed):
+        elif self.decode_s is not None and prompt_tokens == int(self.mixed):
             scale = min(2.0, max(0.5, self.ratio * self.decode_s / max(seconds, 1e-9)))
             self.mixed = min(float(self.max), max(float(self.FLOOR), self.mixed * scale))
 
@@ -88,14 +93,17 @@ class Scheduler:
         """Decide this step (admitting what fits); the caller runs it, then `advance`s."""
         plan = StepPlan()
         decoding = sum(1 for seq in self.running if seq.prefilled)
-        budget = self.chunk.tokens(decoding)
+        budget = self.chunk.max  # prompt tokens this step
+        long_budget = self.chunk.tokens(decoding)  # of which for long prompts
         for seq in self.running:
             if seq.prefilled:
                 plan.decodes.append(seq)
             elif budget > 0:
-                n = min(len(seq.prompt_ids) - seq.computed, budget)
-                plan.chunks.append((seq, n))
-                budget -= n
+                n = self._chunk(seq, budget, long_budget)
+                if n:
+                    plan.chunks.append((seq, n))
+                    budget -= n
+                    long_budget -= n if self._is_long(seq) else 0
         while budget > 0 and self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
             need = self.reservation(seq)
@@ -106,10 +114,22 @@ class Scheduler:
             seq.reserved = need
             self.kv.reserve(seq.row, need)
             self.running.append(seq)
-            n = min(len(seq.prompt_ids), budget)
-            plan.chunks.append((seq, n))
-            budget -= n
+            n = self._chunk(seq, budget, long_budget)
+            if n:
+                plan.chunks.append((seq, n))
+                budget -= n
+                long_budget -= n if self._is_long(seq) else 0
         return plan
+
+    def _is_long(self, seq: Sequence) -> bool:
+        return len(seq.prompt_ids) - seq.computed > self.chunk.short
+
+    def _chunk(self, seq: Sequence, budget: int, long_budget: int) -> int:
+        """Prompt tokens of `seq` this step: a short prompt's rest within the step's budget,
+        a long one's within what long prompts may take next to running decodes."""
+        remaining = len(seq.prompt_ids) - seq.computed
+        allowed = min(budget, long_budget) if self._is_long(seq) else budget
+        return max(0, min(remaining, allowed))
 
     def reservation(self, seq: Sequence) -> int:
         """KV tokens a sequence needs: its prompt plus the tokens it may still generate
