@@ -30,9 +30,8 @@ WARM_STEPS = 40
 
 def run_stall_bench(model: str = "demo", rounds: int = 3, threads: int = 0) -> list[dict[str, Any]]:
     """`rounds` measurements with one engine (after a warm-up round)."""
-    from chatstream_cluster.worker.engine import HFEngine
-
     from bench.engine_bench import _worker_threads
+    from chatstream_cluster.worker.engine import HFEngine
 
     threads = threads or _worker_threads("cpu")
     engine = HFEngine(model, device="cpu", max_batch=16, threads=threads)

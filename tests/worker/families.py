@@ -60,6 +60,7 @@ def build(family: Family, folder: Path) -> str:
     """Save a tiny random model of `family` with the demo tokenizer into `folder`."""
     import torch
     import transformers
+
     from chatstream_cluster.worker.demo_model import build_demo_tokenizer, demo_suppressed_tokens
 
     torch.manual_seed(0)
@@ -76,6 +77,7 @@ def build(family: Family, folder: Path) -> str:
 def engine_path(family: Family) -> str:
     """Which forward the engine takes for the family."""
     import transformers
+
     from chatstream_cluster.worker.engine.llama_forward import supports_fast_forward
 
     model = getattr(transformers, family.model_class)(family.config())

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from chatstream_cluster.shared.schemas import ChatMessage, SamplingParams
 from chatstream_cluster.worker.engine import HFEngine
 from chatstream_cluster.worker.engine.prompt import render
 from chatstream_cluster.worker.engine_api import GenerationRequest
-
 from tests.worker.families import FAMILIES, WINDOW, Family, build, readme_table
 
 ROOT = Path(__file__).resolve().parents[2]

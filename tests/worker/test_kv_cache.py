@@ -7,6 +7,7 @@ from __future__ import annotations
 import psutil
 import pytest
 import torch
+
 from chatstream_cluster.shared.schemas import ChatMessage, SamplingParams
 from chatstream_cluster.worker.engine import HFEngine
 from chatstream_cluster.worker.engine.kv_cache import KVShape

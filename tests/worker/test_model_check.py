@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from chatstream_cluster.worker.engine.kv_cache import make_kv_cache
 from chatstream_cluster.worker.engine.model_check import (
     UnsupportedModel,
@@ -15,7 +16,6 @@ from chatstream_cluster.worker.engine.model_check import (
     self_check,
 )
 from chatstream_cluster.worker.engine.runner import Runner
-
 from tests.worker.families import FAMILIES
 
 

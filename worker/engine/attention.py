@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from chatstream_cluster.worker.engine.batch import ForwardBatch
 
 

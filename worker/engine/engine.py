@@ -25,6 +25,7 @@ import threading
 import time
 
 import torch
+
 from chatstream_cluster.shared.schemas import JobError
 from chatstream_cluster.worker.engine.detokenizer import make_detokenizer, split_stop
 from chatstream_cluster.worker.engine.faults import FaultPlan

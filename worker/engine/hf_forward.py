@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from chatstream_cluster.worker.engine.attention import attend
 from chatstream_cluster.worker.engine.batch import ForwardBatch
 

@@ -16,6 +16,7 @@ attention kernel would avoid (the CUDA-graph work).
 from __future__ import annotations
 
 import torch
+
 from chatstream_cluster.worker.engine.batch import ForwardBatch, Segment
 from chatstream_cluster.worker.engine.kv_cache import KVShape, TokenBudget
 

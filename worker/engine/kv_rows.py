@@ -20,6 +20,7 @@ import mmap
 import sys
 
 import torch
+
 from chatstream_cluster.worker.engine.batch import ForwardBatch, Segment
 from chatstream_cluster.worker.engine.kv_cache import KVShape, TokenBudget
 

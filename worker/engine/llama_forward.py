@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from chatstream_cluster.worker.engine.attention import attend
 from chatstream_cluster.worker.engine.batch import ForwardBatch
 from chatstream_cluster.worker.engine.hf_model import is_quantized, layer_windows

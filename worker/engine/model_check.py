@@ -20,6 +20,7 @@ import logging
 from typing import Any
 
 import torch
+
 from chatstream_cluster.worker.engine.batch import build_batch
 from chatstream_cluster.worker.engine.hf_forward import HFForward
 from chatstream_cluster.worker.engine.hf_model import is_quantized, layer_windows

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from chatstream_cluster.worker.engine.batch import ForwardBatch, build_batch
 from chatstream_cluster.worker.engine.hf_forward import HFForward
 from chatstream_cluster.worker.engine.llama_forward import LlamaFastForward, supports_fast_forward

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
 from chatstream_cluster.worker.engine.kv_cache import CPU_AUTO_BUDGET
 from chatstream_cluster.worker.engine.model_check import UnsupportedModel
 
