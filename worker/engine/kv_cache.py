@@ -77,6 +77,23 @@ class TokenBudget:
         self.used = 0
 
 
+class Budgeted:
+    """What both layouts report about their budget (`self.budget`, a TokenBudget)."""
+
+    budget: TokenBudget
+
+    @property
+    def tokens_total(self) -> int:
+        return self.budget.total
+
+    @property
+    def tokens_used(self) -> int:
+        return self.budget.used
+
+    def fits(self, tokens: int) -> bool:
+        return self.budget.fits(tokens)
+
+
 def make_kv_cache(
     layout: str,
     shapes: list[KVShape],

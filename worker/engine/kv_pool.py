@@ -18,12 +18,12 @@ from __future__ import annotations
 import torch
 
 from chatstream_cluster.worker.engine.batch import ForwardBatch, Segment
-from chatstream_cluster.worker.engine.kv_cache import KVShape, TokenBudget
+from chatstream_cluster.worker.engine.kv_cache import Budgeted, KVShape, TokenBudget
 
 BLOCK_SIZE = 16
 
 
-class PagedKV:
+class PagedKV(Budgeted):
     """See the module docstring."""
 
     layout = "paged"
@@ -48,17 +48,6 @@ class PagedKV:
         self._blocks: dict[int, list[int]] = {}
 
     # -- budget and rows --------------------------------------------------------------
-
-    @property
-    def tokens_total(self) -> int:
-        return self.budget.total
-
-    @property
-    def tokens_used(self) -> int:
-        return self.budget.used
-
-    def fits(self, tokens: int) -> bool:
-        return self.budget.fits(tokens)
 
     def reserve(self, row: int, tokens: int) -> None:
         self.budget.take(row, tokens)

@@ -22,7 +22,7 @@ import sys
 import torch
 
 from chatstream_cluster.worker.engine.batch import ForwardBatch, Segment
-from chatstream_cluster.worker.engine.kv_cache import KVShape, TokenBudget
+from chatstream_cluster.worker.engine.kv_cache import Budgeted, KVShape, TokenBudget
 
 PAGE = mmap.PAGESIZE
 
@@ -32,7 +32,7 @@ def rows_supported() -> bool:
     return sys.platform.startswith("linux") and hasattr(mmap, "MADV_DONTNEED")
 
 
-class MappedRowsKV:
+class MappedRowsKV(Budgeted):
     """See the module docstring."""
 
     layout = "rows"
@@ -72,17 +72,6 @@ class MappedRowsKV:
         return torch.frombuffer(mm, dtype=self.dtype, count=numel).view(shape)
 
     # -- budget and rows --------------------------------------------------------------
-
-    @property
-    def tokens_total(self) -> int:
-        return self.budget.total
-
-    @property
-    def tokens_used(self) -> int:
-        return self.budget.used
-
-    def fits(self, tokens: int) -> bool:
-        return self.budget.fits(tokens)
 
     def reserve(self, row: int, tokens: int) -> None:
         self.budget.take(row, tokens)
