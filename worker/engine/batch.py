@@ -67,11 +67,38 @@ class ForwardBatch:
         return int(self.input_ids.shape[0])
 
 
+class StepBuffers:
+    """Preallocated per-step inputs (token ids, positions, KV rows, sampled indices): each step
+    fills them with one copy (from pinned host memory on CUDA), so a step's input tensors keep
+    their addresses, as replaying a captured CUDA graph needs."""
+
+    def __init__(self, max_tokens: int, device: torch.device):
+        self.max_tokens = max_tokens
+        self.device = device
+        pinned = device.type == "cuda"
+        self.host = torch.zeros(4, max_tokens, dtype=torch.long, pin_memory=pinned)
+        self.dev = self.host if device.type == "cpu" else self.host.to(device)
+
+    def load(self, ids: list[int], positions: list[int], rows: list[int],
+             sample: list[int]) -> torch.Tensor | None:
+        """The four inputs as views [4, T] (sample index: row 3, first m), or None when the
+        step is larger than the buffers (the start-up self-check's long chunks)."""
+        count = len(ids)
+        if count > self.max_tokens or len(sample) > self.max_tokens:
+            return None
+        self.host[:3, :count] = torch.tensor([ids, positions, rows], dtype=torch.long)
+        self.host[3, : len(sample)] = torch.tensor(sample, dtype=torch.long)
+        if self.dev is not self.host:
+            self.dev[:, :count].copy_(self.host[:, :count], non_blocking=True)
+        return self.dev
+
+
 def build_batch(
     decodes: list[tuple[int, int, int]],
     chunks: list[tuple[int, int, list[int]]],
     sample_chunks: list[bool],
     device: torch.device,
+    buffers: StepBuffers | None = None,
 ) -> ForwardBatch:
     """`decodes`: (row, position, token) per decoding sequence; `chunks`: (row, start, ids)
     per prefill chunk; `sample_chunks[j]`: chunk j ends its prompt (its last logits count)."""
@@ -87,14 +114,19 @@ def build_batch(
         rows += [row] * len(chunk)
         if last:
             sample.append(len(ids) - 1)
-    host = torch.tensor([ids, positions, rows], dtype=torch.long)
-    dev = host.to(device, non_blocking=True) if device.type != "cpu" else host
-    n = len(decodes)
+    count, m, n = len(ids), len(sample), len(decodes)
+    dev = buffers.load(ids, positions, rows, sample) if buffers is not None else None
+    if dev is None:
+        host = torch.tensor([ids, positions, rows], dtype=torch.long)
+        dev = host.to(device) if device.type != "cpu" else host
+        sample_index = torch.tensor(sample, dtype=torch.long, device=device)
+    else:
+        sample_index = dev[3, :m]
     batch = ForwardBatch(
-        input_ids=dev[0],
-        positions=dev[1],
-        token_rows=dev[2],
-        sample_index=torch.tensor(sample, dtype=torch.long, device=device),
+        input_ids=dev[0, :count],
+        positions=dev[1, :count],
+        token_rows=dev[2, :count],
+        sample_index=sample_index,
         dec_rows_list=rows[:n],
         dec_pos_list=positions[:n],
         segments=segments,

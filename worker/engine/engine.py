@@ -104,7 +104,8 @@ class HFEngine:
         # The cache rounds its size down to whole blocks/pages: the longest sequence must fit.
         self.max_context = fit_max_len(plan.max_len, self.kv.tokens_total, max_model_len)
         self.faults = FaultPlan.from_env()
-        self.runner = Runner(self.model, self.kv, self.max_context, fast_forward, self.faults)
+        self.runner = Runner(self.model, self.kv, self.max_context, fast_forward, self.faults,
+                             max_step_tokens=self.chunk_tokens + max_batch)
         self.fast_forward = self.runner.fast
         self_check(self.runner, self.kv, self.model, ids[: self.max_context],
                    reference[: self.max_context])
