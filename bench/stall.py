@@ -11,7 +11,8 @@ submitted. Reported, per round:
 - `ttft_ms`: the long prompt's time to first token there, `lone_ttft_ms` the same prompt's
   on an idle engine, and `ttft_x` their ratio (goal: within 1.5).
 
-`python -m bench --scenarios stall` prints it; `python -m bench.stall` too.
+`python -m bench --scenarios stall` prints it; `python -m bench.stall [CHUNK]` too, CHUNK being
+a fixed `--prefill-chunk-tokens` to compare with the adaptive default.
 """
 
 from __future__ import annotations
@@ -28,13 +29,17 @@ LONG_TOKENS = 2000
 WARM_STEPS = 40
 
 
-def run_stall_bench(model: str = "demo", rounds: int = 3, threads: int = 0) -> list[dict[str, Any]]:
-    """`rounds` measurements with one engine (after a warm-up round)."""
+def run_stall_bench(
+    model: str = "demo", rounds: int = 3, threads: int = 0, chunk: int = 0
+) -> list[dict[str, Any]]:
+    """`rounds` measurements with one engine (after a warm-up round); `chunk`: a fixed
+    `--prefill-chunk-tokens` (0 = the engine's default)."""
     from bench.engine_bench import _worker_threads
     from chatstream_cluster.worker.engine import HFEngine
 
     threads = threads or _worker_threads("cpu")
-    engine = HFEngine(model, device="cpu", max_batch=16, threads=threads)
+    extra = {"prefill_chunk_tokens": chunk} if chunk else {}
+    engine = HFEngine(model, device="cpu", max_batch=16, threads=threads, **extra)
     try:
         long_prompt = _long_prompt(engine)
         _one_round(engine, long_prompt)  # warm-up: lazy init, first long prefill
@@ -44,7 +49,7 @@ def run_stall_bench(model: str = "demo", rounds: int = 3, threads: int = 0) -> l
             row = _one_round(engine, long_prompt)
             row["lone_ttft_ms"] = round(lone * 1000, 1)
             row["ttft_x"] = round(row["ttft_ms"] / row["lone_ttft_ms"], 2)
-            rows.append({"scenario": "stall", "threads": threads, **row})
+            rows.append({"scenario": "stall", "threads": threads, "chunk": chunk or "auto", **row})
         return rows
     finally:
         engine.close()
@@ -135,6 +140,8 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 if __name__ == "__main__":
+    import sys
+
     from bench.__main__ import format_rows
 
-    print(format_rows(run_stall_bench()))
+    print(format_rows(run_stall_bench(chunk=int(sys.argv[1]) if len(sys.argv) > 1 else 0)))

@@ -118,8 +118,12 @@ def _prefill(q, k, v, start, scale, window, softcap) -> torch.Tensor:  # noqa: A
         if window is not None:
             mask &= cols > rows - window
     if softcap is None:
+        bias = None
+        if mask is not None:  # additive: CPU's SDPA kernel runs ~1.6x faster than with a bool
+            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
+            bias.masked_fill_(~mask, float("-inf"))
         out = F.scaled_dot_product_attention(
-            qh, k[None], v[None], attn_mask=mask, is_causal=full_causal, scale=scale,
+            qh, k[None], v[None], attn_mask=bias, is_causal=full_causal, scale=scale,
             enable_gqa=kv_heads != heads,
         )
         return out[0].transpose(0, 1)

@@ -49,7 +49,7 @@ log = logging.getLogger("chatstream.worker")
 
 # Prompt tokens prefilled per step (with that step's decodes) when --prefill-chunk-tokens is
 # 0. On CPU a step's time grows with its tokens, so while streams decode the chunk adapts to
-# keep a step within 2.5x a decode-only one (scheduler.ChunkBudget; bench: `python -m bench
+# keep a step within 2.3x a decode-only one (scheduler.ChunkBudget; bench: `python -m bench
 # --scenarios stall`), up to 512; on a GPU a big chunk costs little more than a small one.
 CHUNK_TOKENS = {"cpu": 512}
 CHUNK_TOKENS_DEFAULT = 2048

@@ -5,7 +5,7 @@ Every step, in order:
 1. each running sequence whose prompt is in the cache decodes one token;
 2. sequences still prefilling get the next chunk of their prompt, oldest first, up to the
    step's prompt-token budget (`ChunkBudget`: `--prefill-chunk-tokens`, or on CPU as many as
-   keep the step within 2.5x a decode-only step);
+   keep the step within 2.3x a decode-only step);
 3. while that budget lasts, waiting requests are admitted (FIFO) if a batch slot is free and
    the KV cache can reserve their prompt plus what they may still generate; the head of the
    line waits until it fits (no one overtakes it), so a long request is not starved.
@@ -47,11 +47,11 @@ class ChunkBudget:
     """
 
     FLOOR = 16  # never fewer prompt tokens per step than this
-    FIRST = 64  # the first chunk next to running decodes
+    FIRST = 16  # the first chunk next to running decodes (it grows x2 a step to the target)
     SMOOTH = 0.3  # weight of the newest decode-only step time
-    SHORT = 128  # adaptive: a prompt with at most this many tokens left goes whole
+    SHORT = 128  # adaptive: a prompt of at most this many tokens goes whole
 
-    def __init__(self, tokens: int, adaptive: bool = False, ratio: float = 2.5):
+    def __init__(self, tokens: int, adaptive: bool = False, ratio: float = 2.3):
         self.max = tokens
         self.adaptive = adaptive
         # Only long prompts are held to the steered chunk (vLLM, too, lets short prefills
@@ -122,7 +122,8 @@ class Scheduler:
         return plan
 
     def _is_long(self, seq: Sequence) -> bool:
-        return len(seq.prompt_ids) - seq.computed > self.chunk.short
+        """A long prompt stays long to its last chunk (which would otherwise go whole)."""
+        return len(seq.prompt_ids) > self.chunk.short
 
     def _chunk(self, seq: Sequence, budget: int, long_budget: int) -> int:
         """Prompt tokens of `seq` this step: a short prompt's rest within the step's budget,
