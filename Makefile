@@ -34,6 +34,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench $(ARGS)
 
+soak: $(STAMP)
+	$(BIN)/python -m bench --scenarios soak $(ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 

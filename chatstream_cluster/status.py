@@ -15,11 +15,10 @@ import json
 import sys
 import time
 
-from redis.exceptions import RedisError
-
 from chatstream_cluster.shared.cluster_status import cluster_status
 from chatstream_cluster.shared.keys import Keys
-from chatstream_cluster.shared.redis_client import REDIS_ERRORS, make_redis, redact_url
+from chatstream_cluster.shared.redis_client import make_redis, redact_url
+from chatstream_cluster.shared.redis_errors import TRANSIENT_REDIS_ERRORS
 from chatstream_cluster.shared.settings import CommonSettings
 
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen: each --watch refresh starts with it
@@ -59,7 +58,7 @@ async def _run(settings: CommonSettings, args: argparse.Namespace) -> int:
                     text = json.dumps(status, indent=None if args.watch else 2)
                 else:
                     text = render_table(status)
-            except (*REDIS_ERRORS, RedisError) as exc:
+            except TRANSIENT_REDIS_ERRORS as exc:
                 if not args.watch:
                     raise
                 error = f"cannot reach Redis at {redact_url(settings.redis_url)}: {exc}"
@@ -87,7 +86,7 @@ def main(settings: CommonSettings, args: argparse.Namespace) -> int:
         return asyncio.run(_run(settings, args))
     except KeyboardInterrupt:
         return 0
-    except (*REDIS_ERRORS, RedisError) as exc:
+    except TRANSIENT_REDIS_ERRORS as exc:
         print(
             f"error: cannot reach Redis at {redact_url(settings.redis_url)}: {exc}", file=sys.stderr
         )

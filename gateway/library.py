@@ -21,21 +21,21 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from pydantic import ValidationError
-from redis.exceptions import RedisError
 from starlette.responses import Response
 
 from chatstream_cluster.gateway.chatstream.api import ChatStreamAPI
 from chatstream_cluster.gateway.disconnect import ClientDisconnected
-from chatstream_cluster.gateway.errors import APIError, as_api_error, redis_unavailable
+from chatstream_cluster.gateway.errors import APIError, as_api_error
 from chatstream_cluster.gateway.feedback import FeedbackHook
 from chatstream_cluster.gateway.routes import openai as openai_routes
 from chatstream_cluster.gateway.routes.chatstream import ENDPOINTS
 from chatstream_cluster.gateway.sessions.history import HISTORY_CHAR_BUDGET
 from chatstream_cluster.gateway.state import GatewayState
-from chatstream_cluster.shared.redis_client import REDIS_ERRORS
+from chatstream_cluster.shared.redis_errors import TRANSIENT_REDIS_ERRORS
 from chatstream_cluster.shared.settings import DEFAULT_SESSION_SECRET, GatewaySettings
 
 log = logging.getLogger("chatstream.gateway")
+START_WAIT_S = 5.0  # how long the first use waits for the cluster's Redis
 
 # ChatStream's web UI routes; the cluster does not serve a UI yet.
 _UI_NAMES = {"webui_index", "web_ui_js"}
@@ -118,14 +118,15 @@ class ChatStreamCluster(ChatStreamAPI):
             return self._state
 
     async def _start_state(self) -> GatewayState:
+        """Start the connection to the cluster (background tasks that reconnect by themselves;
+        requests answer 503 while Redis is unreachable)."""
         state = GatewayState(self.settings)
-        try:
-            await state.start()
-        except (TimeoutError, *REDIS_ERRORS, RedisError) as exc:
-            log.warning("cannot reach the cluster's Redis", extra={"error": str(exc)})
-            await state.stop()
-            raise redis_unavailable() from None
-        log.info("ChatStreamCluster connected", extra={"gateway_id": state.gateway_id})
+        await state.start()
+        if await state.dispatcher.wait_connected(START_WAIT_S):
+            log.info("ChatStreamCluster connected", extra={"gateway_id": state.gateway_id})
+        else:
+            log.warning("cannot reach the cluster's Redis yet; retrying in the background",
+                        extra={"gateway_id": state.gateway_id})
         return state
 
     async def start(self) -> None:
@@ -163,8 +164,7 @@ class ChatStreamCluster(ChatStreamAPI):
             app.add_api_route(path, endpoint, methods=[method], tags=["chatstream"])
         if openai:
             app.include_router(openai_routes.router, dependencies=[Depends(self._bind_state)])
-            redis_errors = [e for e in REDIS_ERRORS if e is not OSError]
-            for exc_type in (APIError, ValidationError, RedisError, *redis_errors):
+            for exc_type in (APIError, ValidationError, *TRANSIENT_REDIS_ERRORS):
                 app.exception_handlers.setdefault(exc_type, _openai_error)
             app.exception_handlers.setdefault(ClientDisconnected, _client_gone)
         self._close_on_shutdown(app)

@@ -78,13 +78,17 @@ class WorkerSettings(CommonSettings):
         5.0, gt=0, description="A job untouched this long is taken over from its dead worker."
     )
     no_subscriber_timeout: float = Field(
-        1.5, gt=0, description="Drop a sequence whose tokens reach no gateway for this long."
+        1.5, gt=0,
+        description="Stop generating a sequence whose tokens reach no gateway for this long; "
+        "it is parked, resumable for the gateways' --resume-window.",
     )
     drain_timeout: float = Field(
         30.0, ge=0, description="On SIGTERM, finish in-flight jobs for at most this long."
     )
     event_stream_ttl: float = Field(
-        300.0, gt=0, description="Lifetime of a finished job's event stream (for resume)."
+        300.0, gt=0,
+        description="Lifetime of a finished or parked job's event stream (replay and resume); "
+        "keep it above the gateways' --resume-window.",
     )
 
 
@@ -134,6 +138,11 @@ class GatewaySettings(CommonSettings):
     cookie_secure: bool = Field(False, description="Mark the sid cookie Secure (HTTPS only).")
     drain_timeout: float = Field(
         30.0, ge=0, description="On SIGTERM, let open streams finish for at most this long."
+    )
+    resume_window: float = Field(
+        30.0, gt=0, le=3600,
+        description="A stream whose client or gateway went away stays resumable "
+        "(Last-Event-ID) for this long; its generation stops at once and continues on resume.",
     )
 
     @field_validator("api_keys", mode="before")

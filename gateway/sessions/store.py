@@ -25,12 +25,11 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from chatstream_cluster.gateway.sessions.history import Message
 from chatstream_cluster.gateway.sessions.params import DEFAULT_PARAMS
 from chatstream_cluster.shared.keys import Keys
-from chatstream_cluster.shared.redis_client import REDIS_ERRORS
+from chatstream_cluster.shared.redis_errors import TRANSIENT_REDIS_ERRORS
 
 log = logging.getLogger("chatstream.gateway")
 
@@ -112,7 +111,7 @@ class SessionLock:
             try:
                 if not await self.store._lock_refresh(keys=[self.key], args=[self.token, lease_ms]):
                     return  # lost (expired and taken): nothing left to refresh
-            except (*REDIS_ERRORS, RedisError) as exc:
+            except TRANSIENT_REDIS_ERRORS as exc:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
                     raise asyncio.CancelledError() from None  # redis-py may mask a cancel
@@ -128,7 +127,7 @@ class SessionLock:
             await self._task
         try:
             await self.store._lock_release(keys=[self.key], args=[self.token])
-        except (*REDIS_ERRORS, RedisError) as exc:
+        except TRANSIENT_REDIS_ERRORS as exc:
             log.warning("session lock release failed; it expires", extra={"error": str(exc)})
 
 
