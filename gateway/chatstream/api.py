@@ -194,8 +194,11 @@ class ChatStreamAPI:
 
     # --- session endpoints -----------------------------------------------------------------
     @_guarded
-    async def handle_clear_context_request(self, request: Request) -> Response:
-        """Forget the conversation (generation params and the promoted role stay)."""
+    async def handle_clear_context_request(
+        self, request: Request, request_body: Any = None, callback: Any = None
+    ) -> Response:
+        """Forget the conversation (generation params and the promoted role stay).
+        `request_body` and `callback` are ChatStream's parameters, unused there as here."""
         ctx = await self._context(request, "clear_context")
         response = await session_endpoints.clear_context(ctx)
         key = request.state.session.session_key

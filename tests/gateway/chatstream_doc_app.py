@@ -7,7 +7,8 @@ stream-end callback verbatim (`callback_func`), `append_middlewares`, `append_ap
 `startup` hook calling `start_queue_worker()`, client roles with every auth method, and a
 request handler that keeps each logged-in user's history in files (a stand-in for a database,
 shared by every process). `/test/events` shows the tests what the app saw; `/test/admin` is an
-app route guarded with `verify_role_for_api`.
+app route guarded with `verify_role_for_api`; `/test/feedback` calls
+`handle_set_feedback_request(request, {"on_feedback_received": ...})` as ChatStream took it.
 """
 
 from __future__ import annotations
@@ -152,6 +153,16 @@ async def startup() -> None:
 
 
 chat_stream.append_apis(app, {"exclude": ["chat_stream"]})
+
+
+def on_feedback_received(feedback_data: dict[str, Any]) -> None:
+    events.append({"kind": "feedback_received", **feedback_data})
+
+
+@app.post("/test/feedback")
+async def feedback_with_chatstream_opts(request: Request) -> Any:
+    return await chat_stream.handle_set_feedback_request(
+        request, {"on_feedback_received": on_feedback_received})
 
 
 @app.get("/test/admin")

@@ -92,6 +92,19 @@ async def test_documented_app_callback_and_every_role_path_across_two_apps(  # n
         assert first_prompt.endswith(text) and "user: hello\n" in first_prompt
         assert event["printed"] == first_prompt + "\n" and event["role"] == "user"
 
+        # ChatStream's feedback callback, with its dict.
+        message_id = reply.headers["x-chatstream-last-generated-message-id"]
+        answer = await browser.post("/test/feedback", json={
+            "is_like": True, "message_id": message_id, "form_data": {"stars": 5}})
+        assert answer.json() == {"success": True, "message": "success"}
+        received = [e for e in (await probe.get("/test/events")).json()
+                    if e["kind"] == "feedback_received"]
+        assert received == [{"kind": "feedback_received", "is_like": True,
+                             "form_data": {"stars": 5}, "prompt": first_prompt,
+                             "target_message_id": message_id, "target_message": text,
+                             "generation_params": received[0]["generation_params"]}]
+        assert received[0]["generation_params"]["temperature"] == 1.0
+
         # Denied: APIs outside the role, answered with ChatStream's 403.
         assert forbidden(await browser.get("/get_load"))
         assert forbidden(await browser.get("/get_generation_params"))

@@ -224,6 +224,12 @@ def test_every_chatstream_argument_has_an_answer() -> None:
     handled = {*constructor.RENAMED, *constructor.PARAMS, *constructor.IGNORED,
                *constructor.REFUSED, "client_roles", "request_handler"}
     assert set(CHATSTREAM_ARGUMENTS) == handled
+    for name, reason in constructor.REFUSED.items():
+        with pytest.raises(TypeError) as raised:
+            ChatStreamCluster(session_secret="s", **{name: object()})
+        assert str(raised.value) == f"{name}: {reason}"
+    assert "--device cuda:N" in constructor.REFUSED["device"]
+    assert "--model mock" in constructor.REFUSED["use_mock_response"]
     roles = {"user": {"apis": {"allow": "all", "auth_method": "nothing", "use_session": True}}}
     chat = ChatStreamCluster(session_secret="s", client_roles=roles,
                              request_handler=RequestHandler())
