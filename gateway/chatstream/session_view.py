@@ -39,6 +39,9 @@ _MUTATORS = frozenset({
     "build_initial_prompt", "set_tokenizer", "set_prompt_ttl", "set_chat_mode_enabled",
     "set_prefix_as_stop_str_enabled",
 })
+_READ_ONLY = ("the session snapshot is read-only: the cluster saves the session itself (keep "
+              "your own data in your own store, keyed by a RequestHandler's session key or your "
+              "user id)")
 
 
 class RoleType(Enum):
@@ -185,11 +188,10 @@ class SessionSnapshot(Mapping[str, Any]):
         return len(self._data)
 
     def __setitem__(self, key: str, value: Any) -> None:
-        raise TypeError("the session snapshot is read-only: the cluster saves the session "
-                        "itself (keep your own data in your own store, keyed by a "
-                        "RequestHandler's session key or your user id)")
+        raise TypeError(_READ_ONLY)
 
-    __delitem__ = __setitem__  # type: ignore[assignment]
+    def __delitem__(self, key: str) -> None:
+        raise TypeError(_READ_ONLY)
 
 
 class SessionView:

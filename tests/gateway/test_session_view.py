@@ -79,6 +79,8 @@ async def test_the_view_reads_redis_and_the_snapshot_is_read_only() -> None:
     assert state.session.role == "dev"
     with pytest.raises(TypeError, match="read-only"):
         snapshot["chat_prompt"] = None
+    with pytest.raises(TypeError, match="read-only"):
+        del snapshot["generation_params"]
     state.save_session()  # ChatStream apps call it; the cluster saved already
 
     await redis.aclose()
