@@ -38,6 +38,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         return Response(status_code=499)
 
     app.include_router(openai.router)
+    app.state.chatstream = chatstream.GatewayChatStream(app, settings)  # reads the roles file
     app.include_router(chatstream.router)
     app.include_router(health.router)
     app.include_router(admin.router)

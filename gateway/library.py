@@ -21,9 +21,13 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from pydantic import ValidationError
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from chatstream_cluster.gateway.chatstream.api import ChatStreamAPI
+from chatstream_cluster.gateway.chatstream.chat import MESSAGE_ID_HEADER
+from chatstream_cluster.gateway.chatstream.constructor import from_chatstream_arguments
+from chatstream_cluster.gateway.chatstream.roles import DEV_TOOL_HEADER, ClientRoles
 from chatstream_cluster.gateway.disconnect import ClientDisconnected
 from chatstream_cluster.gateway.errors import APIError, as_api_error
 from chatstream_cluster.gateway.feedback import FeedbackHook
@@ -37,33 +41,8 @@ from chatstream_cluster.shared.settings import DEFAULT_SESSION_SECRET, GatewaySe
 log = logging.getLogger("chatstream.gateway")
 START_WAIT_S = 5.0  # how long the first use waits for the cluster's Redis
 
-# ChatStream's web UI routes; the cluster does not serve a UI yet.
-_UI_NAMES = {"webui_index", "web_ui_js"}
-
-
-# ChatStream's constructor arguments -> ours.
-_RENAMED = {"num_of_concurrent_executions": "max_concurrent", "max_queue_size": "max_queue",
-            "max_new_tokens": "default_max_tokens"}
-_PARAMS = {"temperature": "temperature", "top_k": "top_k_value", "top_p": "top_p_value"}
-_IGNORED = {"too_many_request_as_http_error", "name", "logger", "locale"}  # always 429 here
-_IN_WORKERS = {"model", "tokenizer", "device", "num_gpus", "chat_prompt_clazz", "context_len",
-               "use_mock_response", "mock_params", "add_special_tokens", "repetition_penalty",
-               "repetition_penalty_method", "request_handler", "client_roles"}
-
-
-def _from_chatstream_arguments(given: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(settings overrides, default generation params) from keyword arguments."""
-    moved = sorted(set(given) & _IN_WORKERS)
-    if moved:
-        raise TypeError(f"{', '.join(moved)}: the model runs in the cluster's workers; start "
-                        "them with `chatstream worker --model ... --device ...`")
-    overrides = {_RENAMED.get(k, k): v for k, v in given.items()
-                 if k not in _IGNORED and k not in _PARAMS}
-    params = {_PARAMS[k]: v for k, v in given.items() if k in _PARAMS}
-    unknown = sorted(set(overrides) - set(GatewaySettings.model_fields))
-    if unknown:
-        raise TypeError(f"unknown settings {unknown}; see GatewaySettings for the known ones")
-    return overrides, params
+# ChatStream's web UI routes (its API names); the cluster does not serve a UI yet.
+_UI_NAMES = {"webui_index", "webui_js"}
 
 
 class ChatStreamCluster(ChatStreamAPI):
@@ -73,8 +52,11 @@ class ChatStreamCluster(ChatStreamAPI):
     `redis_url`, `session_secret`, `max_queue`), then `CHATSTREAM_*` environment variables.
     ChatStream's own arguments keep working: `num_of_concurrent_executions` (cluster-wide
     here), `max_queue_size`, `max_new_tokens`, and `temperature`/`top_k`/`top_p` (the default
-    generation params). `system_prompt` opens every conversation; `on_feedback(request,
-    feedback)` (sync or async) receives each /set_feedback.
+    generation params); `client_roles` (ChatStream's role definition, enforced on every
+    endpoint; or the setting `client_roles_file`) and `request_handler` (a `RequestHandler`:
+    where the history lives). `system_prompt` opens every conversation; `on_feedback(request,
+    feedback)` (sync or async) receives each /set_feedback. ChatStream's other arguments:
+    gateway/chatstream/constructor.py.
     """
 
     def __init__(
@@ -84,15 +66,23 @@ class ChatStreamCluster(ChatStreamAPI):
         system_prompt: str = "",
         on_feedback: FeedbackHook | None = None,
         history_chars: int = HISTORY_CHAR_BUDGET,
+        client_roles: dict[str, Any] | None = None,
+        request_handler: Any = None,
         **overrides: Any,
     ) -> None:
-        overrides, params = _from_chatstream_arguments(overrides)
-        super().__init__(system_prompt=system_prompt, on_feedback=on_feedback,
-                         history_chars=history_chars, default_params=params)
+        overrides, params = from_chatstream_arguments(overrides)
         if settings is None:
             settings = GatewaySettings(**overrides)
         elif overrides:
             settings = GatewaySettings(**{**settings.model_dump(), **overrides})
+        if client_roles is not None and settings.client_roles_file:
+            raise TypeError("give client_roles or client_roles_file, not both")
+        roles = client_roles
+        if roles is None and settings.client_roles_file:
+            roles = ClientRoles.from_file(settings.client_roles_file)
+        super().__init__(system_prompt=system_prompt, on_feedback=on_feedback,
+                         history_chars=history_chars, default_params=params,
+                         client_roles=roles, request_handler=request_handler)
         if settings.session_secret == DEFAULT_SESSION_SECRET:
             log.warning("ChatStreamCluster uses the default session secret: anyone can forge "
                         "session cookies; pass session_secret=... (or CHATSTREAM_SESSION_SECRET)")
@@ -170,7 +160,16 @@ class ChatStreamCluster(ChatStreamAPI):
         self._close_on_shutdown(app)
 
     def append_middlewares(self, app: FastAPI, opts: dict[str, Any] | None = None) -> None:
-        """ChatStream's session middleware is not needed: sessions are built in (a no-op)."""
+        """Sessions and roles are built in, so of ChatStream's middlewares only CORS is left:
+        with `opts={"cors": {"allow_origins": [...]}}` it adds Starlette's CORSMiddleware as
+        ChatStream did (credentials allowed, ChatStream's headers exposed); else a no-op."""
+        cors = (opts or {}).get("cors")
+        if cors is not None:
+            app.add_middleware(
+                CORSMiddleware, allow_origins=cors.get("allow_origins", ["*"]),
+                allow_credentials=True, allow_methods=["*"], allow_headers=["*"],
+                expose_headers=[DEV_TOOL_HEADER, MESSAGE_ID_HEADER],
+            )
 
     @staticmethod
     def _selected(opts: dict[str, Any] | None) -> list[str]:

@@ -128,6 +128,11 @@ class GatewaySettings(CommonSettings):
     )
     admin_key: str = Field("", description="Key protecting /admin/* and /metrics.")
     max_concurrent_per_key: int = Field(0, ge=0, description="Cap per API key; 0 = none.")
+    client_roles_file: str = Field(
+        "",
+        description="JSON file with ChatStream's client_roles (which ChatStream APIs browsers "
+        "and programs may call; docs/chatstream-api.md); empty = no role layer.",
+    )
     session_secret: str = Field(
         DEFAULT_SESSION_SECRET, description="Secret that signs the sid cookie."
     )
