@@ -15,10 +15,12 @@ from redis.exceptions import RedisError
 
 from chatstream_cluster.gateway.admission import Admission
 from chatstream_cluster.gateway.dispatcher import Dispatcher
+from chatstream_cluster.gateway.ops_recorder import OpsRecorder
 from chatstream_cluster.gateway.workers import WorkerCache
 from chatstream_cluster.shared.cluster_status import cluster_status
 from chatstream_cluster.shared.jobqueue import JobQueue
 from chatstream_cluster.shared.keys import Keys
+from chatstream_cluster.shared.ops_stats import OpsStats
 from chatstream_cluster.shared.redis_client import REDIS_ERRORS, make_redis, reraise_if_cancelling
 from chatstream_cluster.shared.registry import GatewayRegistry, WorkerRegistry
 from chatstream_cluster.shared.schemas import GatewayInfo
@@ -47,6 +49,8 @@ class GatewayState:
         self.semaphore = RedisSemaphore(self.redis, self.keys, lease_s=settings.permit_lease)
         self.admission = Admission(self.semaphore, settings, self.workers, self.keys)
         self.dispatcher = Dispatcher(settings.redis_url, self.keys, self.gateway_id)
+        self.ops_stats = OpsStats(self.redis, self.keys)
+        self.ops_recorder = OpsRecorder(self.ops_stats, self.semaphore, self.queue)
         self.background: set[asyncio.Task] = set()
         self.draining = False
         self._heartbeat_task: asyncio.Task | None = None
@@ -76,6 +80,7 @@ class GatewayState:
         await self.workers.start()
         await self.admission.start()
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="gw-heartbeat")
+        await self.ops_recorder.start()
 
     async def stop(self) -> None:
         self.draining = True
@@ -87,6 +92,7 @@ class GatewayState:
                 await self._heartbeat_task
         with contextlib.suppress(*REDIS_ERRORS, RedisError):
             await self.gateways.remove(self.gateway_id)
+        await self.ops_recorder.stop()
         await self.admission.stop()
         await self.workers.stop()
         await self.dispatcher.stop()

@@ -135,6 +135,17 @@ class GatewaySettings(CommonSettings):
     drain_timeout: float = Field(
         30.0, ge=0, description="On SIGTERM, let open streams finish for at most this long."
     )
+    ui: bool = Field(
+        True, description="Serve the chat page at / (and /chatstream.js); --no-ui turns it off."
+    )
+    ui_title: str = Field("ChatStream Cluster", description="Title of the chat page.")
+    ui_welcome_message: str = Field(
+        "", description="First message the chat page shows (not sent to the model)."
+    )
+    ops_page: bool = Field(
+        True, description="Serve the ops page at /admin (its figures want --admin-key, like "
+        "/admin/status); --no-ops-page turns it off.",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
