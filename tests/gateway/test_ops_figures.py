@@ -95,7 +95,8 @@ async def test_last_minute_figures_are_cluster_wide_and_agree(cluster) -> None: 
 
 
 async def test_pages_are_open_and_can_be_turned_off(cluster) -> None:  # noqa: ANN001
-    keyed = cluster.start_gateway(api_keys=["sk-pages"], admin_key="pages-admin")
+    keyed = cluster.start_gateway(api_keys=["sk-pages"], admin_key="pages-admin",
+                                  ui_title="Team <chat>", ui_welcome_message="Hi & welcome")
     bare = cluster.start_gateway(ui=False, ops_page=False)
     ops_only = cluster.start_gateway(ui=False)
     async with httpx.AsyncClient(timeout=10) as client:
@@ -109,6 +110,8 @@ async def test_pages_are_open_and_can_be_turned_off(cluster) -> None:  # noqa: A
             assert (await client.get(bare.url + path)).status_code == 404, path
         page = (await client.get(keyed.url + "/")).text
         assert '"apiKeyRequired": true' in page and "sk-pages" not in page
+        assert "<title>Team &lt;chat&gt;</title>" in page
+        assert '"welcomeMessage": "Hi \\u0026 welcome"' in page  # inert JSON, escaped
         assert "pages-admin" not in (await client.get(keyed.url + "/admin")).text
         assert (await client.get(keyed.url + "/ui/../admin/status")).status_code in (401, 404)
         assert (await client.get(keyed.url + "/ui/index.html")).status_code == 404

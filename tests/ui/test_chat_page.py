@@ -83,6 +83,15 @@ def wait_replies(page: Any, count: int, state: str = "done") -> None:
     )
 
 
+def wait_streaming(page: Any, words: int = 3) -> None:
+    """Until the newest reply streams and shows more than `words` words."""
+    page.wait_for_function(
+        "([sel, n]) => { const r = [...document.querySelectorAll(sel)].pop();"
+        " return r && r.classList.contains('streaming')"
+        " && r.querySelector('.text').textContent.split(' ').length > n; }",
+        arg=[REPLIES, words])
+
+
 def chat_once(context: Any, gateway: Proc, text: str) -> Any:
     """A fresh page that sent `text` and shows the whole reply."""
     page = open_chat(context, gateway)
@@ -154,9 +163,7 @@ def test_stop_cancels_the_generation(context, gw) -> None:  # noqa: ANN001
     wait_idle(gw.full)
     page = open_chat(context, gw.full)
     send(page, "a long story please")
-    page.wait_for_function(
-        "(sel) => { const t = document.querySelector(sel + ' .text');"
-        " return t && t.textContent.split(' ').length > 3; }", arg=REPLIES)
+    wait_streaming(page)
     assert page.locator("#stop").is_visible()
     page.click("#stop")
     wait_replies(page, 1, "stopped")
@@ -217,7 +224,7 @@ def test_a_full_cluster_answers_busy_with_its_retry_delay(browser, gw) -> None: 
     try:
         holder = open_chat(holder_ctx, gw.full)
         send(holder, "hold the only slot")
-        wait_replies(holder, 1, "streaming")
+        wait_streaming(holder)
         other = open_chat(other_ctx, gw.full)
         send(other, "let me in")
         other.wait_for_selector("#notice:not([hidden])")
@@ -237,7 +244,7 @@ def test_one_turn_at_a_time_per_conversation(context, gw) -> None:  # noqa: ANN0
     wait_idle(gw.full)
     first = open_chat(context, gw.full)
     send(first, "a long answer")
-    wait_replies(first, 1, "streaming")
+    wait_streaming(first)
     second = open_chat(context, gw.full)  # same browser, same session cookie
     send(second, "and another")
     second.wait_for_selector("#notice:not([hidden])")
@@ -290,3 +297,16 @@ def test_phone_width_and_colour_schemes(browser, gw, scheme: str) -> None:  # no
         assert (luminance < 0.2) if scheme == "dark" else (luminance > 0.8), background
     finally:
         ctx.close()
+
+
+def test_a_stream_that_breaks_off_is_marked_cut_off(context, gw, module_cluster) -> None:  # noqa: ANN001
+    # Last in the module: its dead gateway's permit lingers for its (short) lease.
+    doomed = module_cluster.start_gateway(default_max_tokens=600, permit_lease=2)
+    module_cluster.wait_ready(doomed)
+    page = open_chat(context, doomed)
+    send(page, "this will not finish")
+    wait_streaming(page)
+    doomed.kill()  # the connection drops mid-reply
+    wait_replies(page, 1, "cut")
+    assert page.locator(f"{REPLIES} .status").text_content().startswith("Cut off")
+    assert not page.locator(REPLIES).evaluate("li => li.classList.contains('done')")
