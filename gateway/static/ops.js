@@ -81,8 +81,9 @@
     $("queue-detail").textContent =
       `waiting for a permit ${s.waiting_for_permit} · not yet read by a worker ${s.undelivered_jobs}`;
     $("running").textContent = `${s.running} / ${s.capacity}`;
-    $("workers-count").textContent = `${s.workers.length} live worker` +
-      (s.workers.length === 1 ? "" : "s");
+    const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+    $("workers-count").textContent = `${plural(s.workers.length, "live worker")}` +
+      (Array.isArray(s.gateways) ? ` · ${plural(s.gateways.length, "gateway")}` : "");
     const m = s.last_minute || {};
     $("tokens-per-s").textContent = fmt(m.tokens_per_s);
     $("tokens-detail").textContent = m.tokens === undefined ? ""

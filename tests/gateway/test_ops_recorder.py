@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import redis.asyncio as aioredis
+
 from chatstream_cluster.gateway.metrics import REJECTED, TOKENS, TTFT
 from chatstream_cluster.gateway.ops_recorder import OpsRecorder
 from chatstream_cluster.shared.jobqueue import JobQueue
