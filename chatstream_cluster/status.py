@@ -15,11 +15,10 @@ import json
 import sys
 import time
 
-from redis.exceptions import RedisError
-
 from chatstream_cluster.shared.cluster_status import cluster_status
 from chatstream_cluster.shared.keys import Keys
-from chatstream_cluster.shared.redis_client import REDIS_ERRORS, make_redis, redact_url
+from chatstream_cluster.shared.redis_client import make_redis, redact_url
+from chatstream_cluster.shared.redis_errors import TRANSIENT_REDIS_ERRORS
 from chatstream_cluster.shared.settings import CommonSettings
 
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen: each --watch refresh starts with it
@@ -43,10 +42,12 @@ def render_table(status: dict) -> str:
             f"{w['device'][:8]:<8} {w['running']:>4} {w['max_batch']:>4} "
             f"{w.get('waiting', 0):>4} {_kv(w):>15} "
             f"{w['tokens_per_s']:>8} {w['last_heartbeat_s']:>6}  "
-            + ("draining" if w.get("draining") else "serving")
+            + w.get("state", "draining" if w.get("draining") else "serving")
         )
     if not status["workers"]:
         lines.append("(no live worker)")
+    if "last_minute" in status:
+        lines[1:1] = [render_last_minute(status["last_minute"])]
     return "\n".join(lines)
 
 
@@ -54,6 +55,16 @@ def _kv(worker: dict) -> str:
     """KV cache tokens reserved / total, '-' for an engine without one (mock)."""
     total = worker.get("kv_tokens_total", 0)
     return f"{worker.get('kv_tokens_used', 0)}/{total}" if total else "-"
+
+
+def render_last_minute(m: dict) -> str:
+    """One line: the cluster's last-minute tokens/s, TTFT percentiles and rejections."""
+    def secs(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3g}s"
+
+    rejected = " ".join(f"{k} {v}" for k, v in m["rejected"].items()) or "none"
+    return (f"last minute (cluster): {m['tokens_per_s']:g} tok/s   TTFT p50 "
+            f"{secs(m['ttft_p50_s'])} p99 {secs(m['ttft_p99_s'])}   rejected: {rejected}")
 
 
 async def _run(settings: CommonSettings, args: argparse.Namespace) -> int:
@@ -67,7 +78,7 @@ async def _run(settings: CommonSettings, args: argparse.Namespace) -> int:
                     text = json.dumps(status, indent=None if args.watch else 2)
                 else:
                     text = render_table(status)
-            except (*REDIS_ERRORS, RedisError) as exc:
+            except TRANSIENT_REDIS_ERRORS as exc:
                 if not args.watch:
                     raise
                 error = f"cannot reach Redis at {redact_url(settings.redis_url)}: {exc}"
@@ -95,7 +106,7 @@ def main(settings: CommonSettings, args: argparse.Namespace) -> int:
         return asyncio.run(_run(settings, args))
     except KeyboardInterrupt:
         return 0
-    except (*REDIS_ERRORS, RedisError) as exc:
+    except TRANSIENT_REDIS_ERRORS as exc:
         print(
             f"error: cannot reach Redis at {redact_url(settings.redis_url)}: {exc}", file=sys.stderr
         )

@@ -9,9 +9,13 @@ ChatStream's /get_load and `chatstream status`.
   not draining workers' `--max-batch` (what the gateways' admission derives).
 - `gateways`: the live gateways and the admission settings each enforces.
 - `workers`: the live workers, sorted by id; one that missed its heartbeats for
-  `--worker-ttl` is gone from the list. Each reports `waiting` (requests inside it that wait
-  for a batch slot or KV cache) and `kv_tokens_used`/`kv_tokens_total` (its KV cache).
+  `--worker-ttl` is gone from the list. Each has a `state`: `draining`, `stale` (no heartbeat
+  for `STALE_AFTER_S`: three of the default one-second heartbeats missed) or `serving`, and
+  reports `waiting` (requests inside it that wait for a batch slot or KV cache) and
+  `kv_tokens_used`/`kv_tokens_total` (its KV cache).
 - `waiting_in_workers`: the workers' `waiting`, summed.
+- `last_minute`: cluster-wide tokens/s, TTFT p50/p99 and rejections by reason over the last
+  minute, summed from what every gateway counted (shared/ops_stats.py).
 """
 
 from __future__ import annotations
@@ -22,8 +26,18 @@ import redis.asyncio as aioredis
 
 from chatstream_cluster.shared.jobqueue import JobQueue
 from chatstream_cluster.shared.keys import Keys
+from chatstream_cluster.shared.ops_stats import OpsStats
 from chatstream_cluster.shared.registry import GatewayRegistry, WorkerRegistry
 from chatstream_cluster.shared.semaphore import RedisSemaphore
+
+STALE_AFTER_S = 3.0
+
+
+def worker_state(draining: bool, heartbeat_age_s: float) -> str:
+    """`draining`, `stale` (heartbeats late, not yet past its TTL) or `serving`."""
+    if draining:
+        return "draining"
+    return "stale" if heartbeat_age_s > STALE_AFTER_S else "serving"
 
 
 def capacity_of(max_concurrents: list[int], worker_batches: list[int]) -> int:
@@ -52,6 +66,7 @@ async def cluster_status(redis: aioredis.Redis, keys: Keys) -> dict[str, Any]:
             "kv_tokens_used": w.kv_tokens_used,
             "kv_tokens_total": w.kv_tokens_total,
             "last_heartbeat_s": round(age, 3),
+            "state": worker_state(w.draining, age),
         }
         for w, age in live
     ]
@@ -72,4 +87,5 @@ async def cluster_status(redis: aioredis.Redis, keys: Keys) -> dict[str, Any]:
         ],
         "waiting_in_workers": sum(w["waiting"] for w in workers),
         "workers": workers,
+        "last_minute": await OpsStats(redis, keys).last_minute(),
     }

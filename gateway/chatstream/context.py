@@ -18,15 +18,19 @@ from chatstream_cluster.gateway.state import GatewayState
 
 @dataclass
 class SessionContext:
-    """One request's gateway state and session (a verified cookie's id, or a fresh one)."""
+    """One request's gateway state and session (a verified cookie's id, or a fresh one).
+    `set_cookie` is False for a session a RequestHandler names (chatstream/handlers.py)."""
 
     state: GatewayState
     store: SessionStore
     signer: CookieSigner
     sid: str
+    set_cookie: bool = True
 
     def with_cookie(self, response: Response) -> Response:
         """Set (and so slide) the signed session cookie."""
+        if not self.set_cookie:
+            return response
         s = self.state.settings
         response.set_cookie(
             COOKIE_NAME, self.signer.sign(self.sid), max_age=int(s.session_ttl), path="/",

@@ -14,11 +14,10 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.exceptions import RedisError
 
 from chatstream_cluster.gateway.auth import require_admin
 from chatstream_cluster.gateway.metrics import CLUSTER_GAUGES, REGISTRY, set_cluster_gauges
-from chatstream_cluster.shared.redis_client import REDIS_ERRORS
+from chatstream_cluster.shared.redis_errors import TRANSIENT_REDIS_ERRORS
 
 log = logging.getLogger("chatstream.gateway")
 
@@ -46,7 +45,7 @@ async def metrics(request: Request) -> Response:
     gateway's own counters are still served."""
     try:
         set_cluster_gauges(await _status(request))
-    except (*REDIS_ERRORS, RedisError) as exc:
+    except TRANSIENT_REDIS_ERRORS as exc:
         log.warning("metrics: cluster gauges unavailable", extra={"error": str(exc)})
         for gauge in CLUSTER_GAUGES:
             gauge.clear()
