@@ -12,6 +12,10 @@ the connection (URL, TLS, AUTH exactly as for the process's other clients), then
 dispatcher reads the subscribed socket itself and parses the replies in bulk with hiredis —
 about 0.5 us per message instead of ~12 us for one `PubSub.get_message` call per message. A
 quiet connection is PINGed; one that stays silent is closed and opened again.
+
+With Sentinel the connection goes to the current primary (asked of the sentinels at each
+connect) and `reconnect()` moves it after a failover (shared/sentinel_watch.py). On a Redis
+Cluster, gateway/sharded_dispatcher.py takes this module's place (`make_dispatcher`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from collections import deque
 import hiredis
 import redis.asyncio as aioredis
 from chatstream_cluster.shared.keys import Keys
+from chatstream_cluster.shared.redis_topology import make_pubsub_pool
 from chatstream_cluster.shared.schemas import TokenEvent
 from redis.exceptions import RedisError
 
@@ -111,10 +116,9 @@ class Dispatcher:
         self.channel = keys.gateway_channel(gateway_id)
         self.inboxes: dict[str, JobInbox] = {}
         self.connected = asyncio.Event()
-        self._pool = aioredis.ConnectionPool.from_url(
-            redis_url, socket_timeout=None, socket_connect_timeout=CONNECT_TIMEOUT_S
-        )
+        self._pool = make_pubsub_pool(redis_url, CONNECT_TIMEOUT_S)
         self._task: asyncio.Task | None = None
+        self._writer: asyncio.StreamWriter | None = None
         self._last_read = 0.0
 
     async def start(self, timeout: float = 10.0) -> None:
@@ -129,10 +133,20 @@ class Dispatcher:
                 await self._task
         await self._pool.aclose()
 
-    def register(self, job_id: str) -> JobInbox:
+    def reply_channel(self, job_id: str) -> str:  # noqa: ARG002 - one channel for all jobs
+        """Where workers publish `job_id`'s events: this gateway's channel."""
+        return self.channel
+
+    async def register(self, job_id: str) -> JobInbox:
+        """The job's inbox (the channel is subscribed already, since start-up)."""
         inbox = JobInbox()
         self.inboxes[job_id] = inbox
         return inbox
+
+    def reconnect(self) -> None:
+        """Drop the connection; `_run` connects again (to the new primary after a failover)."""
+        if self._writer is not None:
+            self._writer.transport.abort()
 
     def unregister(self, job_id: str) -> None:
         inbox = self.inboxes.pop(job_id, None)
@@ -167,6 +181,7 @@ class Dispatcher:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
             finally:
+                self._writer = None
                 with contextlib.suppress(Exception):
                     await conn.disconnect(nowait=True)
 
@@ -189,6 +204,7 @@ class Dispatcher:
                 if isinstance(reply, hiredis.ReplyError):
                     raise _Refused(str(reply))
                 if isinstance(reply, list) and reply[:1] == [b"subscribe"]:
+                    self._writer = writer
                     return reader, writer, parser  # messages right behind it stay in `parser`
 
     async def _route(

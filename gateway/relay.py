@@ -123,7 +123,7 @@ class Generation:
             await st.admission.acquire(self.job_id)
             if not st.dispatcher.connected.is_set():
                 raise redis_unavailable()
-            self._inbox = st.dispatcher.register(self.job_id)
+            self._inbox = await st.dispatcher.register(self.job_id)
             if self.resuming:
                 await self._resubmit()
             else:
@@ -153,7 +153,7 @@ class Generation:
         st = self.state
         spec = JobSpec(
             job_id=self.job_id,
-            reply_channel=st.dispatcher.channel,
+            reply_channel=st.dispatcher.reply_channel(self.job_id),
             messages=self.messages,
             sampling=self.sampling,
             created_ms=int(time.time() * 1000),
@@ -175,7 +175,10 @@ class Generation:
         stored = await read_events(st.redis, st.keys, self.job_id)
         self._resume_floor = stored[-1].seq if stored else 0
         spec = spec.model_copy(
-            update={"reply_channel": st.dispatcher.channel, "return_prompt": False}
+            update={
+                "reply_channel": st.dispatcher.reply_channel(self.job_id),
+                "return_prompt": False,
+            }
         )
         result, self._entry_id = await st.queue.resubmit(spec)
         if result == UNKNOWN:

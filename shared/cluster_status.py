@@ -26,7 +26,8 @@ async def cluster_status(
 ) -> dict[str, Any]:
     """The status object (see the module docstring); raises the client's Redis errors."""
     held, waiting = await RedisSemaphore(redis, keys).counts()
-    undelivered = await JobQueue(redis, keys).undelivered()
+    partitions = int(await redis.get(keys.queue_partitions) or 1)  # as the processes agreed
+    undelivered = await JobQueue(redis, keys, partitions=partitions).undelivered()
     live = await WorkerRegistry(redis, keys).live()
     workers = [
         {

@@ -4,6 +4,10 @@ Each event goes, in one Lua call, to the job's short-lived stream (entry id `<se
 the reply channel of the gateway that owns the job. The call checks the job's attempt first,
 so a worker that lost the job (a stale attempt) cannot write; it also refuses non-final
 events of a cancelled job, which tells the worker to stop.
+
+On a Redis Cluster the reply channel is the job's own sharded channel (`Keys.job_channel`, in
+the job's slot) and the script SPUBLISHes there, so the fence, the stream write and the
+publish stay one atomic call on the shard that owns the job (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from chatstream_cluster.shared.keys import Keys
+from chatstream_cluster.shared.redis_topology import is_cluster
+from chatstream_cluster.shared.replica_wait import ReplicaWait
 from chatstream_cluster.shared.schemas import TokenEvent
 from redis.exceptions import NoScriptError
 
@@ -34,6 +40,8 @@ if final then
 end
 return redis.call('PUBLISH', ARGV[4], ARGV[3])
 """
+# The same on a cluster: the channel is in the job's slot (sharded pub/sub, Redis >= 7).
+_SPUBLISH_EVENT = _PUBLISH_EVENT.replace("'PUBLISH'", "'SPUBLISH'")
 
 
 @dataclass
@@ -51,7 +59,8 @@ class EventWriter:
         self.redis = redis
         self.keys = keys
         self.ttl_ms = int(ttl_s * 1000)
-        self._script = redis.register_script(_PUBLISH_EVENT)
+        self._source = _SPUBLISH_EVENT if is_cluster(redis) else _PUBLISH_EVENT
+        self._script = redis.register_script(self._source)
 
     async def publish(self, batch: list[PendingPublish]) -> list[int]:
         """Returns per event: receivers (>= 0), FENCED, CANCELLED or DUPLICATE.
@@ -59,14 +68,15 @@ class EventWriter:
         One round trip for the whole batch: EVALSHA straight into the pipeline (a redis-py
         `Script` in a pipeline would first ask SCRIPT EXISTS, a second round trip per batch);
         only when Redis lost its script cache (NOSCRIPT, e.g. after a restart) is the script
-        loaded and the refused events sent again.
+        loaded and the refused events sent again. With Sentinel the round ends with a WAIT
+        (shared/replica_wait.py), so a failover cannot lose an event the worker saw written.
         """
         if not batch:
             return []
         results = await self._send(batch)
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if missing:
-            await self.redis.script_load(_PUBLISH_EVENT)
+            await self.redis.script_load(self._source)
             again = await self._send([batch[i] for i in missing])
             for i, result in zip(missing, again, strict=True):
                 results[i] = result
@@ -77,10 +87,12 @@ class EventWriter:
 
     async def _send(self, batch: list[PendingPublish]) -> list[Any]:
         sha, ttl_ms, keys = self._script.sha, self.ttl_ms, self.keys
+        wait = ReplicaWait.of(self.redis)
         async with self.redis.pipeline(transaction=False) as pipe:
             for item in batch:
                 ev = item.event
-                pipe.evalsha(
+                pipe.execute_command(  # not pipe.evalsha: a cluster pipeline refuses that name
+                    "EVALSHA",
                     sha,
                     2,
                     keys.job_meta(ev.job_id),
@@ -92,7 +104,12 @@ class EventWriter:
                     ttl_ms,
                     1 if ev.finish_reason else 0,
                 )
-            return await pipe.execute(raise_on_error=False)
+            if wait is not None:
+                wait.append(pipe)
+            results = await pipe.execute(raise_on_error=False)
+        if wait is not None:
+            wait.note(results.pop())
+        return results
 
 
 async def read_events(

@@ -48,6 +48,7 @@ from chatstream_cluster.shared.schemas import (
     Usage,
     WorkerInfo,
 )
+from chatstream_cluster.shared.sentinel_watch import sentinel_watch
 from chatstream_cluster.shared.settings import WorkerSettings
 from chatstream_cluster.worker.engine_api import Engine, GenerationRequest, StepOutput
 from chatstream_cluster.worker.resources import resource_snapshot
@@ -114,7 +115,7 @@ class Worker:
         suffix = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.id = settings.worker_id or f"{socket.gethostname()}-{suffix}"
         self.redis = make_redis(settings.redis_url)
-        self.queue = JobQueue(self.redis, self.keys)
+        self.queue = JobQueue(self.redis, self.keys, partitions=settings.queue_partitions)
         self.writer = EventWriter(self.redis, self.keys, settings.event_stream_ttl)
         self.registry = WorkerRegistry(self.redis, self.keys)
         self.active: dict[str, ActiveJob] = {}
@@ -136,6 +137,7 @@ class Worker:
     async def run(self) -> None:
         """Serve jobs until `drain()`; returns after in-flight work is done or handed over."""
         self._loop = asyncio.get_running_loop()
+        await self._retry_forever(self.queue.check_partitions, "check queue partitions")
         await self._retry_forever(self.queue.ensure_group, "create consumer group")
         engine_thread = threading.Thread(target=self._engine_thread, name="engine", daemon=True)
         engine_thread.start()
@@ -144,6 +146,9 @@ class Worker:
             asyncio.create_task(self._control_loop(), name="control"),
             asyncio.create_task(self._publish_loop(), name="publish"),
         ]
+        watch = sentinel_watch(self.settings.redis_url)  # moves every connection on failover
+        if watch is not None:
+            tasks.append(asyncio.create_task(watch.run(), name="sentinel"))
         log.info("worker ready", extra={"worker_id": self.id, "model": self.engine.model_name})
         try:
             await self._intake()
@@ -160,6 +165,7 @@ class Worker:
             await asyncio.to_thread(engine_thread.join, 5)
             with contextlib.suppress(*REDIS_ERRORS, RedisError):
                 await self.registry.remove(self.id)
+            await self.queue.close()
             await self.redis.aclose()
             self.engine.close()
             log.info("worker stopped", extra={"worker_id": self.id})
@@ -479,8 +485,10 @@ class Worker:
     async def _control_loop(self) -> None:
         while True:
             client = make_pubsub_redis(self.settings.redis_url)
-            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            pubsub = None
             try:
+                await client.initialize()  # a cluster client learns its nodes here
+                pubsub = client.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(self.keys.control_channel)
                 while True:
                     msg = await pubsub.get_message(timeout=1.0)
@@ -492,7 +500,8 @@ class Worker:
                 await asyncio.sleep(0.5)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    if pubsub is not None:
+                        await pubsub.aclose()
                     await client.aclose()
 
     def _on_control(self, data: bytes) -> None:
