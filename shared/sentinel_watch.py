@@ -5,13 +5,13 @@ Connections already open stay where they are: to a dead primary they fail (and r
 a primary that was demoted to a replica (a manual `SENTINEL FAILOVER`, a partition that heals)
 reads go on quietly, a subscription keeps hearing only what replication brings, and only a
 write is refused (READONLY, which redis-py turns into a reconnect). So each process subscribes
-to `+switch-master` on a sentinel and, when its master name switches, closes every connection
-of its Sentinel pools (`redis_topology.SENTINEL_POOLS`), busy ones included: a command in
-flight fails and is retried, and every next use connects to the new primary. A forced
-failover leaves the old primary a primary for up to ~10 s until the sentinels demote it, and
-writes that land there meanwhile are lost when it is; closing only idle connections would
-leave a worker's blocking job read there. `callbacks` move what no pool owns (the gateway
-dispatcher's own connection).
+to `+switch-master` on a sentinel and, when its master name switches, moves every connection
+of its Sentinel pools (`redis_topology.SENTINEL_POOLS`): idle ones are closed at once, busy
+ones are marked and closed when their command returns (closing a busy connection under the
+task using it can break that task), so every next use connects to the new primary. This
+matters: a forced failover leaves the old primary a primary for up to ~10 s until the
+sentinels demote it, and writes that land there meanwhile are lost when it is. `callbacks`
+move what no pool owns (the gateway dispatcher's own connection).
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ class SentinelWatch:
         for pool in list(SENTINEL_POOLS):
             if pool.service_name == self.topology.master_name:
                 with contextlib.suppress(Exception):
-                    await pool.disconnect(inuse_connections=True)
+                    await pool.update_active_connections_for_reconnect()
+                    await pool.disconnect(inuse_connections=False)
         for callback in self.callbacks:
             try:
                 result = callback()

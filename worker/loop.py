@@ -52,6 +52,7 @@ from chatstream_cluster.shared.sentinel_watch import sentinel_watch
 from chatstream_cluster.shared.settings import WorkerSettings
 from chatstream_cluster.worker.engine_api import Engine, GenerationRequest, StepOutput
 from chatstream_cluster.worker.resources import resource_snapshot
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 log = logging.getLogger("chatstream.worker")
@@ -149,6 +150,8 @@ class Worker:
         watch = sentinel_watch(self.settings.redis_url)  # moves every connection on failover
         if watch is not None:
             tasks.append(asyncio.create_task(watch.run(), name="sentinel"))
+        for task in tasks:
+            task.add_done_callback(self._task_ended)
         log.info("worker ready", extra={"worker_id": self.id, "model": self.engine.model_name})
         try:
             await self._intake()
@@ -169,6 +172,16 @@ class Worker:
             await self.redis.aclose()
             self.engine.close()
             log.info("worker stopped", extra={"worker_id": self.id})
+
+    def _task_ended(self, task: asyncio.Task) -> None:
+        """A background task must not die quietly (a dead publisher would stall every stream):
+        log it, drain, and exit non-zero so the supervisor starts a fresh worker."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("background task died", exc_info=task.exception(),
+                  extra={"worker_id": self.id, "task": task.get_name()})
+        self.engine_failed = True
+        self.drain()
 
     def drain(self) -> None:
         """Stop taking jobs; `run` returns once running ones finish or the drain timeout passes."""
@@ -454,11 +467,13 @@ class Worker:
     async def _finish_local(self, job: ActiveJob, *, ack: bool) -> None:
         self.active.pop(job.spec.job_id, None)
         self._slot_free.set()
+        # Retried while Redis is down (a failover): a Redis error here must not end the
+        # publisher, which runs this.
         if ack:
-            await self.queue.finish(job.entry_id)
+            await self._retry_forever(lambda: self.queue.finish(job.entry_id), "acknowledge job")
         deferred = self._deferred.pop(job.spec.job_id, None)
         if deferred is not None:
-            await self._start_job(deferred)
+            await self._retry_forever(lambda: self._start_job(deferred), "start job")
 
     # --- heartbeat and control -------------------------------------------------------------
     def info(self) -> WorkerInfo:
@@ -494,6 +509,9 @@ class Worker:
                     msg = await pubsub.get_message(timeout=1.0)
                     if msg and msg["type"] == "message":
                         self._on_control(msg["data"])
+                    conn = pubsub.connection
+                    if conn is not None and conn.should_reconnect():  # Sentinel failed over
+                        raise RedisConnectionError("the primary moved: subscribing again")
             except (*REDIS_ERRORS, RedisError) as exc:
                 reraise_if_cancelling()
                 log.warning("redis unavailable: control channel", extra={"error": str(exc)})
