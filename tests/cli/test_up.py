@@ -19,7 +19,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def up(tmp_path):  # noqa: ANN001, ANN201
+def up(tmp_path, request):  # noqa: ANN001, ANN201
+    """`chatstream up` with 2 mock workers; `parametrize("up", [[flags]], indirect=True)` adds
+    flags."""
     port = free_port()
     log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
@@ -42,6 +44,7 @@ def up(tmp_path):  # noqa: ANN001, ANN201
             "0.2",
             "--worker-ttl",
             "1",
+            *getattr(request, "param", []),
         ],
         cwd=ROOT,
         stdout=log,
@@ -115,3 +118,21 @@ def test_up_restarts_a_dead_worker_and_keeps_serving(up) -> None:  # noqa: ANN00
         what="the worker to be restarted",
     )
     assert proc.poll() is None
+
+
+@pytest.mark.parametrize("up", [["--redis-cluster"]], indirect=True)
+def test_up_with_an_embedded_redis_cluster(up) -> None:  # noqa: ANN001
+    proc, url, tmp_path = up
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+    reply = client.chat.completions.create(
+        model="mock", messages=[{"role": "user", "content": "sharded"}], max_tokens=5
+    )
+    assert reply.usage.completion_tokens == 5
+    children = _descendants(proc.pid)
+    titles = {p: " ".join(psutil.Process(p).cmdline()) for p in children}
+    servers = [p for p, title in titles.items() if "[cluster]" in title]  # the server's title
+    assert len(servers) == 3  # three primaries
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(40) == 0
+    wait_until(lambda: not any(psutil.pid_exists(p) for p in servers), 10,
+               what="the cluster nodes to exit")

@@ -3,6 +3,8 @@ both APIs, a manual failover and a slot migration of a streaming job's slot."""
 
 from __future__ import annotations
 
+import uuid
+
 import httpx
 import orjson
 import pytest
@@ -20,10 +22,16 @@ pytestmark = pytest.mark.slow
 PARTITIONS = 3
 
 
-@pytest.fixture
-def on_cluster(redis_cluster, key_prefix, tmp_path):  # noqa: ANN001, ANN201
-    """One mock worker and one gateway on the cluster, the job queue in 3 partitions."""
-    procs = Cluster(redis_cluster.url, key_prefix, tmp_path)
+@pytest.fixture(scope="module")
+def cluster_prefix() -> str:
+    return "t" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture(scope="module")
+def on_cluster(redis_cluster, cluster_prefix, tmp_path_factory):  # noqa: ANN001, ANN201
+    """One mock worker and one gateway on the cluster, the job queue in 3 partitions (shared
+    by this module's tests: each fault leaves the cluster healthy)."""
+    procs = Cluster(redis_cluster.url, cluster_prefix, tmp_path_factory.mktemp("on-cluster"))
     procs.start_worker("mock", mock_tokens_per_s=40, queue_partitions=PARTITIONS, max_batch=32)
     gateway = procs.start_gateway(queue_partitions=PARTITIONS, default_max_tokens=12)
     procs.wait_ready(gateway)
@@ -62,9 +70,11 @@ def assert_exact(readers: list[StreamReader], tokens: int) -> None:
         assert r.text == expected(r.content, tokens)
 
 
-def test_openai_and_chatstream_paths_on_a_cluster(redis_cluster, on_cluster, key_prefix) -> None:  # noqa: ANN001
+def test_openai_and_chatstream_paths_on_a_cluster(
+    redis_cluster, on_cluster, cluster_prefix  # noqa: ANN001
+) -> None:
     procs, gateway = on_cluster
-    keys = Keys(key_prefix)
+    keys = Keys(cluster_prefix)
     reader = StreamReader(gateway.url, "sharded", 40)
     reader.start()
     job = job_of(reader)
