@@ -1,6 +1,6 @@
 """`make bench`: run the benchmark scenarios, print a table, write JSON.
 
-Usage: python -m bench [--scenarios engine,e2e,relay,many] [--out bench/results/bench.json]
+Usage: python -m bench [--scenarios engine,e2e,relay,many,scale] [--out bench/results/bench.json]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import psutil
 
-SCENARIOS = ("engine", "e2e", "relay", "many")
+SCENARIOS = ("engine", "e2e", "relay", "many", "scale")
 
 
 def _run(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -35,6 +35,10 @@ def _run(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         from bench.relay import run_many_streams_bench
 
         return run_many_streams_bench()
+    if name == "scale":
+        from bench.redis_scale import run_scale_bench
+
+        return run_scale_bench()
     raise SystemExit(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}")
 
 
