@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Callable
 
 import hiredis
 import redis.asyncio as aioredis
@@ -102,6 +103,29 @@ class JobInbox:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+async def keep_alive(
+    writer: asyncio.StreamWriter,
+    last_read: Callable[[], float],
+    before_ping: Callable[[], None] | None = None,
+) -> None:
+    """PING a quiet subscribed connection; abort one that answers nothing (a half-open
+    socket), so its reader ends and the connection is made again. `last_read()` is the loop
+    time of the last bytes read; `before_ping()` runs before each PING is written."""
+    loop = asyncio.get_running_loop()
+    ping = hiredis.pack_command(("PING",))
+    while True:
+        await asyncio.sleep(PING_AFTER_S / 2)
+        quiet = loop.time() - last_read()
+        if quiet > DEAD_AFTER_S:
+            log.warning("pub/sub connection silent: reconnecting", extra={"quiet_s": quiet})
+            writer.transport.abort()
+            return
+        if quiet > PING_AFTER_S:
+            if before_ping is not None:
+                before_ping()
+            writer.write(ping)
 
 
 class _Refused(ConnectionError):
@@ -241,18 +265,7 @@ class Dispatcher:
             watchdog.cancel()
 
     async def _watch(self, writer: asyncio.StreamWriter) -> None:
-        """PING a quiet connection; abort one that answers nothing (a half-open socket)."""
-        loop = asyncio.get_running_loop()
-        ping = hiredis.pack_command(("PING",))
-        while True:
-            await asyncio.sleep(PING_AFTER_S / 2)
-            quiet = loop.time() - self._last_read
-            if quiet > DEAD_AFTER_S:
-                log.warning("pub/sub connection silent: reconnecting", extra={"quiet_s": quiet})
-                writer.transport.abort()  # the read in _route ends, _run reconnects
-                return
-            if quiet > PING_AFTER_S:
-                writer.write(ping)
+        await keep_alive(writer, lambda: self._last_read)
 
     def _mark_all_lost(self) -> None:
         for inbox in self.inboxes.values():

@@ -37,10 +37,9 @@ from typing import Any
 import hiredis
 from chatstream_cluster.gateway.dispatcher import (
     CONNECT_TIMEOUT_S,
-    DEAD_AFTER_S,
-    PING_AFTER_S,
     READ_SIZE,
     JobInbox,
+    keep_alive,
 )
 from chatstream_cluster.shared.keys import Keys
 from chatstream_cluster.shared.schemas import TokenEvent
@@ -130,7 +129,7 @@ class _ShardLink:
         watchdog = asyncio.create_task(self._watch(writer), name=f"shard-watchdog-{self.name}")
         inboxes = self.owner.inboxes
         unpack = TokenEvent.unpack
-        try:
+        try:  # the routing is inline, as in dispatcher.py: it runs for every message
             while True:
                 data = await reader.read(READ_SIZE)
                 if not data:
@@ -178,18 +177,8 @@ class _ShardLink:
                 future.set_result(True)
 
     async def _watch(self, writer: asyncio.StreamWriter) -> None:
-        """PING a quiet connection; abort one that answers nothing (a half-open socket)."""
-        loop = asyncio.get_running_loop()
-        ping = hiredis.pack_command(("PING",))
-        while True:
-            await asyncio.sleep(PING_AFTER_S / 2)
-            quiet = loop.time() - self._last_read
-            if quiet > DEAD_AFTER_S:
-                writer.transport.abort()
-                return
-            if quiet > PING_AFTER_S:
-                self._owed.append((b"pong", None, None))
-                writer.write(ping)
+        await keep_alive(writer, lambda: self._last_read,
+                         lambda: self._owed.append((b"pong", None, None)))
 
 
 class ShardedDispatcher:
