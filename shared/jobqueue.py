@@ -60,6 +60,10 @@ return 2
 UNKNOWN, FINISHED, RESUBMITTED = 0, 1, 2
 
 
+class PartitionMismatch(ValueError):
+    """This process's --queue-partitions differs from the one the others agreed on."""
+
+
 @dataclass
 class JobEntry:
     """A job read from the stream; `spec` is None when the entry could not be decoded."""
@@ -106,12 +110,12 @@ class JobQueue:
                     raise
 
     async def check_partitions(self) -> None:
-        """Record the partition count under the key prefix, or raise ValueError when the
+        """Record the partition count under the key prefix, or raise PartitionMismatch when the
         processes already there use another one (jobs would sit where no worker reads)."""
         await self.redis.set(self.keys.queue_partitions, self.partitions, nx=True)
         agreed = int(await self.redis.get(self.keys.queue_partitions) or self.partitions)
         if agreed != self.partitions:
-            raise ValueError(
+            raise PartitionMismatch(
                 f"--queue-partitions {self.partitions}, but the processes on this Redis and key "
                 f"prefix use {agreed}. Use {agreed}, or stop them all, delete the key "
                 f"{self.keys.queue_partitions!r} and restart with the new number."
