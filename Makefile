@@ -34,17 +34,20 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench $(ARGS)
 
+soak: $(STAMP)
+	$(BIN)/python -m bench --scenarios soak $(ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 # The base install alone (what the gateway image gets): `chatstream gateway --help` runs and
 # nothing imports torch. A throwaway venv, so the dev venv's extras cannot hide a missing one.
 check-base:
-	rm -rf /tmp/chatstream-base-venv
+	rm -rf /tmp/chatstream-base-venv build
 	$(PYTHON) -m venv /tmp/chatstream-base-venv
 	/tmp/chatstream-base-venv/bin/python -m pip install -q .
 	cd /tmp && /tmp/chatstream-base-venv/bin/python $(CURDIR)/scripts/check_base_install.py
-	rm -rf /tmp/chatstream-base-venv
+	rm -rf /tmp/chatstream-base-venv build
 
 clean:
 	rm -rf $(VENV) .pytest_cache bench/results

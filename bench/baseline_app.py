@@ -3,8 +3,8 @@
 `POST /v1/chat/completions` answers like the gateway does (same SSE chunks: a role chunk, one
 chunk per token with the mock engine's text, a finish chunk, the usage chunk, `[DONE]`), but
 the tokens come straight from a generator in the same process: no Redis, no worker, no
-admission. Same chunk encoder (`gateway.routes.openai.ChunkEncoder`), served by uvicorn with the
-gateway's own options (`gateway.main.UVICORN_OPTIONS`).
+admission. Same chunk encoder (ChunkEncoder, gateway/completions/encode.py), served by uvicorn
+with the gateway's own options (`gateway.main.UVICORN_OPTIONS`).
 
 Run: `python -m bench.baseline_app --port 8100`.
 """
@@ -18,12 +18,13 @@ from collections.abc import AsyncIterator
 
 import orjson
 import uvicorn
-from chatstream_cluster.gateway.main import UVICORN_OPTIONS
-from chatstream_cluster.gateway.routes.openai import ChunkEncoder
-from chatstream_cluster.shared.schemas import ChatMessage
-from chatstream_cluster.worker.mock_engine import mock_tokens, render_prompt
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
+
+from chatstream_cluster.gateway.completions.encode import ChunkEncoder
+from chatstream_cluster.gateway.main import UVICORN_OPTIONS
+from chatstream_cluster.shared.schemas import ChatMessage
+from chatstream_cluster.worker.mock_engine import mock_tokens, render_prompt
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 

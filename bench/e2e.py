@@ -7,9 +7,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from chatstream_cluster.shared.redis_server import RedisServer
-
 from bench.client import run_streams
+from chatstream_cluster.shared.redis_server import RedisServer
 from tests.cluster import Cluster
 
 BODY = {

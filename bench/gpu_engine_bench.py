@@ -51,6 +51,8 @@ def build_model(folder: Path, shape: dict[str, int], device: str) -> int:
     """Save a random bf16 Llama of `shape` plus the demo tokenizer into `folder`; return its
     parameter count."""
     import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
     from chatstream_cluster.worker.demo_model import (
         BOS_ID,
         EOS_ID,
@@ -59,7 +61,6 @@ def build_model(folder: Path, shape: dict[str, int], device: str) -> int:
         build_demo_tokenizer,
         demo_suppressed_tokens,
     )
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         **shape, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,

@@ -25,6 +25,7 @@ machine with a core per shard.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -37,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from chatstream_cluster.shared.procs import die_with_parent
 
+from chatstream_cluster.shared.procs import die_with_parent
 from tests.cluster import ROOT
 
 STREAM_INTERVAL_S = 0.02
@@ -75,7 +76,8 @@ def _cpu_seconds(pids: list[int]) -> float:
 
 
 async def _gateway_side(url: str, prefix: str, jobs: list[str]) -> tuple[Any, dict[str, Any]]:
-    """The real dispatcher with every job registered; returns it and subscribe timings."""
+    """The real dispatcher (and its running task) with every job registered; returns them
+    and the subscribe timings."""
     from chatstream_cluster.gateway.dispatcher import Dispatcher
     from chatstream_cluster.gateway.sharded_dispatcher import ShardedDispatcher
     from chatstream_cluster.shared.keys import Keys
@@ -86,38 +88,40 @@ async def _gateway_side(url: str, prefix: str, jobs: list[str]) -> tuple[Any, di
     redis = make_redis(url)
     timings: dict[str, Any] = {}
     if is_cluster(redis):
-        dispatcher = ShardedDispatcher(redis, keys)
-        await dispatcher.start()
+        dispatcher: Any = ShardedDispatcher(redis, keys, "bench")
+    else:
+        dispatcher = Dispatcher(url, keys, "bench")
+    runner = asyncio.create_task(dispatcher.run(), name="bench-dispatcher")
+    assert await dispatcher.wait_connected(10), "the dispatcher did not connect"
+    if is_cluster(redis):
         probe = [f"probe{i}" for i in range(200)]
         started = time.perf_counter()
-        for job in probe:  # one at a time: the latency a request's start pays
-            await dispatcher.register(job)
+        inboxes = [await dispatcher.register(job) for job in probe]  # what a request pays
         timings["subscribe_one_us"] = round((time.perf_counter() - started) / len(probe) * 1e6)
-        for job in probe:
-            dispatcher.unregister(job)
+        for job, inbox in zip(probe, inboxes, strict=True):
+            dispatcher.unregister(job, inbox)
         started = time.perf_counter()
         await asyncio.gather(*(dispatcher.register(job) for job in jobs))  # a burst
         timings["subscribe_burst_us_per_job"] = round(
             (time.perf_counter() - started) / len(jobs) * 1e6, 1
         )
     else:
-        dispatcher = Dispatcher(url, keys, "bench")
-        await dispatcher.start()
         for job in jobs:
             await dispatcher.register(job)
     async with redis.pipeline(transaction=False) as pipe:
         for job in jobs:
             pipe.hset(keys.job_meta(job), "attempt", 1)
         await pipe.execute()
-    await redis.aclose()
-    return dispatcher, timings
+    if not is_cluster(redis):  # the cluster's dispatcher keeps using it for the slot map
+        await redis.aclose()
+    return (dispatcher, runner), timings
 
 
 async def _measure(kind: str, url: str, pids: list[int], *, jobs: int, publishers: int,
                    seconds: float, run: int) -> dict[str, Any]:
     prefix = f"scale{os.getpid()}{kind[0]}{run}"
     job_ids = [f"{kind[0]}job{i:05d}" for i in range(jobs)]
-    dispatcher, timings = await _gateway_side(url, prefix, job_ids)
+    (dispatcher, runner), timings = await _gateway_side(url, prefix, job_ids)
     delivered = 0
 
     async def count() -> None:
@@ -144,7 +148,12 @@ async def _measure(kind: str, url: str, pids: list[int], *, jobs: int, publisher
     counter.cancel()
     for inbox in dispatcher.inboxes.values():
         delivered += len(inbox.events)
+    runner.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await runner
     await dispatcher.stop()
+    if hasattr(dispatcher, "cluster"):
+        await dispatcher.cluster.aclose()
     results = [json.loads(out[0]) for out in outputs]
     written = sum(r["events"] for r in results)
     wall = max(r["seconds"] for r in results)
@@ -187,8 +196,9 @@ def _raw_rates(cluster_url: str, n: int = 8000) -> dict[str, Any]:
 
     import hiredis
     import redis
-    from chatstream_cluster.shared.redis_topology import parse_redis_url
     from redis.crc import key_slot
+
+    from chatstream_cluster.shared.redis_topology import parse_redis_url
 
     host, port = parse_redis_url(cluster_url).hosts[0]
     with redis.Redis(host=host, port=port) as probe:
@@ -248,7 +258,7 @@ async def _publish(url: str, prefix: str, jobs: list[str], seconds: float) -> di
     keys = Keys(prefix)
     redis = make_redis(url)
     writer = EventWriter(redis, keys, ttl_s=30)
-    channel = (lambda j: keys.job_channel(j)) if is_cluster(redis) else (
+    channel = (lambda j: keys.job_channel(j, "bench")) if is_cluster(redis) else (
         lambda _j: keys.gateway_channel("bench"))
     seq = 0
     events = 0
@@ -258,7 +268,7 @@ async def _publish(url: str, prefix: str, jobs: list[str], seconds: float) -> di
         batch = [
             PendingPublish(TokenEvent.model_construct(
                 job_id=j, seq=seq, attempt=1, text=TEXT, tokens=seq * 16, finish_reason=None,
-                usage=None, error=None, prompt=None, worker_id="bench"), channel(j))
+                usage=None, error=None, prompt=None, worker_id="bench", parked=None), channel(j))
             for j in jobs
         ]
         results = await writer.publish(batch)

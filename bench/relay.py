@@ -30,10 +30,10 @@ from typing import Any
 
 import httpx
 import psutil
-from chatstream_cluster.shared.procs import die_with_parent
-from chatstream_cluster.shared.redis_server import RedisServer, free_port
 
 from bench.client import percentile, run_raw_streams, run_streams, schedule_lateness
+from chatstream_cluster.shared.procs import die_with_parent
+from chatstream_cluster.shared.redis_server import RedisServer, free_port
 from tests.cluster import ROOT, Cluster, wait_until
 
 PROMPT = [{"role": "user", "content": "Tell me a long story about a cat and a dog."}]

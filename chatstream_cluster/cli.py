@@ -64,12 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="show queue depth, running jobs and live workers", formatter_class=fmt
     )
     add_settings_arguments(st, CommonSettings)
-    st.add_argument(
-        "--max-concurrent",
-        type=int,
-        default=0,
-        help="the gateways' --max-concurrent, to report capacity (0 = derived)",
-    )
     st.add_argument("--json", action="store_true", help="print JSON for scripts")
     st.add_argument("--watch", action="store_true", help="refresh in place every --interval")
     st.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")

@@ -3,8 +3,8 @@
 The numbers come from `shared.cluster_status`, the same code behind the gateways'
 `/admin/status` and `/metrics`. `--json` prints exactly the `/admin/status` object; `--watch`
 redraws the screen every `--interval` seconds until Ctrl-C (with `--json`, one object per
-refresh). Capacity: `--max-concurrent`, else `CHATSTREAM_MAX_CONCURRENT` from the environment
-(as the gateways read it), else the sum of the live workers' `--max-batch`.
+refresh). Capacity is what the live gateways publish in Redis (their `--max-concurrent`), else
+the sum of the live workers' `--max-batch`, as the gateways derive it.
 """
 
 from __future__ import annotations
@@ -12,15 +12,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 
-from redis.exceptions import RedisError
-
 from chatstream_cluster.shared.cluster_status import cluster_status
 from chatstream_cluster.shared.keys import Keys
-from chatstream_cluster.shared.redis_client import REDIS_ERRORS, make_redis, redact_url
+from chatstream_cluster.shared.redis_client import make_redis, redact_url
+from chatstream_cluster.shared.redis_errors import TRANSIENT_REDIS_ERRORS
 from chatstream_cluster.shared.settings import CommonSettings
 
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen: each --watch refresh starts with it
@@ -32,7 +30,7 @@ def render_table(status: dict) -> str:
         f"queue_depth {status['queue_depth']} (waiting for a permit "
         f"{status['waiting_for_permit']}, not yet read by a worker "
         f"{status['undelivered_jobs']})   running {status['running']}/{status['capacity']}"
-        f"   workers {len(status['workers'])}",
+        f"   gateways {len(status['gateways'])}   workers {len(status['workers'])}",
         "",
         f"{'ID':<28} {'PID':>7} {'HOST':<16} {'MODEL':<12} {'DEVICE':<8} {'RUN':>4} "
         f"{'MAX':>4} {'TOK/S':>8} {'BEAT_S':>6}  STATE",
@@ -49,29 +47,18 @@ def render_table(status: dict) -> str:
     return "\n".join(lines)
 
 
-def max_concurrent_of(args: argparse.Namespace) -> int:
-    """The gateways' --max-concurrent: the flag, else CHATSTREAM_MAX_CONCURRENT, else 0."""
-    if args.max_concurrent:
-        return args.max_concurrent
-    try:
-        return max(0, int(os.environ.get("CHATSTREAM_MAX_CONCURRENT", "0") or 0))
-    except ValueError:
-        return 0
-
-
 async def _run(settings: CommonSettings, args: argparse.Namespace) -> int:
     redis = make_redis(settings.redis_url)
     keys = Keys(settings.key_prefix)
-    max_concurrent = max_concurrent_of(args)
     try:
         while True:
             try:
-                status = await cluster_status(redis, keys, max_concurrent)
+                status = await cluster_status(redis, keys)
                 if args.json:
                     text = json.dumps(status, indent=None if args.watch else 2)
                 else:
                     text = render_table(status)
-            except (*REDIS_ERRORS, RedisError) as exc:
+            except TRANSIENT_REDIS_ERRORS as exc:
                 if not args.watch:
                     raise
                 error = f"cannot reach Redis at {redact_url(settings.redis_url)}: {exc}"
@@ -99,7 +86,7 @@ def main(settings: CommonSettings, args: argparse.Namespace) -> int:
         return asyncio.run(_run(settings, args))
     except KeyboardInterrupt:
         return 0
-    except (*REDIS_ERRORS, RedisError) as exc:
+    except TRANSIENT_REDIS_ERRORS as exc:
         print(
             f"error: cannot reach Redis at {redact_url(settings.redis_url)}: {exc}", file=sys.stderr
         )

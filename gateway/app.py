@@ -5,14 +5,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from fastapi import FastAPI
+from starlette.responses import Response
+
 from chatstream_cluster.gateway.auth import AuthMiddleware
 from chatstream_cluster.gateway.disconnect import ClientDisconnected
 from chatstream_cluster.gateway.errors import install_error_handlers
 from chatstream_cluster.gateway.routes import admin, chatstream, health, openai
 from chatstream_cluster.gateway.state import GatewayState
 from chatstream_cluster.shared.settings import GatewaySettings
-from fastapi import FastAPI
-from starlette.responses import Response
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -37,6 +38,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         return Response(status_code=499)
 
     app.include_router(openai.router)
+    app.state.chatstream = chatstream.GatewayChatStream(app, settings)  # reads the roles file
     app.include_router(chatstream.router)
     app.include_router(health.router)
     app.include_router(admin.router)

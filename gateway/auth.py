@@ -23,11 +23,12 @@ import hmac
 import ipaddress
 import logging
 
-from chatstream_cluster.gateway.errors import APIError
-from chatstream_cluster.shared.settings import GatewaySettings
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from chatstream_cluster.gateway.errors import APIError
+from chatstream_cluster.shared.settings import GatewaySettings
 
 log = logging.getLogger("chatstream.gateway")
 
@@ -184,8 +185,7 @@ def _error_response(error: APIError, path: str) -> JSONResponse:
     """OpenAI-style on /v1; ChatStream endpoints also get their `success`/`message` keys."""
     if path.startswith("/v1/") or classify(path) != API:
         return error.response()
-    body = {"success": False, "message": error.message, **error.body()}
-    return JSONResponse(body, status_code=error.status, headers=error.headers)
+    return error.chatstream_response()
 
 
 def api_key_id(request: Request) -> str | None:

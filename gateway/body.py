@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from chatstream_cluster.gateway.errors import APIError
 from fastapi import Request
+
+from chatstream_cluster.gateway.errors import APIError
 
 
 async def read_json(request: Request, max_bytes: int) -> Any:
@@ -28,9 +29,17 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         if size > max_bytes:
             raise APIError(413, f"request body exceeds {max_bytes} bytes", code="body_too_large")
         chunks.append(chunk)
-    raw = b"".join(chunks)
+    return parse_json(b"".join(chunks), max_bytes)
+
+
+def parse_json(raw: bytes | bytearray | str, max_bytes: int) -> Any:
+    """A body already read (e.g. by an app that looked at it first), with the same checks."""
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogatepass")
+    if len(raw) > max_bytes:
+        raise APIError(413, f"request body exceeds {max_bytes} bytes", code="body_too_large")
     try:
-        raw.decode("utf-8")
+        bytes(raw).decode("utf-8")
     except UnicodeDecodeError:
         raise APIError(400, "request body is not valid UTF-8", code="invalid_utf8") from None
     if not raw.strip():

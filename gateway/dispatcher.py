@@ -15,7 +15,7 @@ quiet connection is PINGed; one that stays silent is closed and opened again.
 
 With Sentinel the connection goes to the current primary (asked of the sentinels at each
 connect) and `reconnect()` moves it after a failover (shared/sentinel_watch.py). On a Redis
-Cluster, gateway/sharded_dispatcher.py takes this module's place (`make_dispatcher`).
+Cluster, gateway/sharded_dispatcher.py takes this module's place (gateway/state.py).
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ from collections.abc import Callable
 
 import hiredis
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
 from chatstream_cluster.shared.keys import Keys
 from chatstream_cluster.shared.redis_topology import make_pubsub_pool
 from chatstream_cluster.shared.schemas import TokenEvent
-from redis.exceptions import RedisError
 
 log = logging.getLogger("chatstream.gateway")
 
@@ -141,20 +142,21 @@ class Dispatcher:
         self.inboxes: dict[str, JobInbox] = {}
         self.connected = asyncio.Event()
         self._pool = make_pubsub_pool(redis_url, CONNECT_TIMEOUT_S)
-        self._task: asyncio.Task | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._last_read = 0.0
 
-    async def start(self, timeout: float = 10.0) -> None:
-        """Subscribe and wait for the confirmation; then route messages in the background."""
-        self._task = asyncio.create_task(self._run(), name="dispatcher")
-        await asyncio.wait_for(self.connected.wait(), timeout)
+    async def wait_connected(self, timeout: float) -> bool:
+        """True once subscribed (confirmed); False after `timeout` seconds without."""
+        if self.connected.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self.connected.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        """Close the connection pool (`run` is cancelled by its supervisor first)."""
         await self._pool.aclose()
 
     def reply_channel(self, job_id: str) -> str:  # noqa: ARG002 - one channel for all jobs
@@ -162,22 +164,27 @@ class Dispatcher:
         return self.channel
 
     async def register(self, job_id: str) -> JobInbox:
-        """The job's inbox (the channel is subscribed already, since start-up)."""
+        """Route the job's events to a new inbox (a later registration of the same job — a
+        resume on this gateway — takes them over). The channel is subscribed already, since
+        start-up (async for the cluster's dispatcher, which subscribes per job)."""
         inbox = JobInbox()
         self.inboxes[job_id] = inbox
         return inbox
 
     def reconnect(self) -> None:
-        """Drop the connection; `_run` connects again (to the new primary after a failover)."""
+        """Drop the connection; `run` connects again (to the new primary after a failover)."""
         if self._writer is not None:
             self._writer.transport.abort()
 
-    def unregister(self, job_id: str) -> None:
-        inbox = self.inboxes.pop(job_id, None)
-        if inbox is not None:
-            inbox.close()
+    def unregister(self, job_id: str, inbox: JobInbox) -> None:
+        """Stop routing to `inbox` (if the job's events still go there)."""
+        if self.inboxes.get(job_id) is inbox:
+            del self.inboxes[job_id]
+        inbox.close()
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
+        """Subscribe, route, and on any connection loss subscribe again (with backoff) and
+        tell every inbox to repair; forever (a supervised task)."""
         delay = 0.1
         subscribed_before = False
         while True:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 
-from chatstream_cluster.shared.redis_client import REDIS_ERRORS
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
-from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from chatstream_cluster.shared.redis_errors import is_transient
 
 log = logging.getLogger("chatstream.gateway")
 
@@ -66,6 +66,11 @@ class APIError(Exception):
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
+    def chatstream_response(self) -> JSONResponse:
+        """ChatStream's `success`/`message` keys plus the `error` object (ChatStream routes)."""
+        body = {"success": False, "message": self.message, **self.body()}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
 
 def redis_unavailable() -> APIError:
     return APIError(
@@ -91,6 +96,26 @@ def validation_error(errors: list[dict]) -> APIError:
     return APIError(400, f"{where}{first.get('msg')}", code="invalid_value", param=param)
 
 
+def as_api_error(exc: Exception, *, log_unexpected: bool = True) -> APIError:
+    """The answer for any exception a request hit: APIErrors as they are, validation errors as
+    400, Redis outages as 503, anything else a logged 500."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ValidationError | RequestValidationError):
+        return validation_error(list(exc.errors()))
+    if is_transient(exc):
+        log.warning("redis unavailable", extra={"error": str(exc)})
+        return redis_unavailable()
+    if log_unexpected:
+        log.error("unexpected error", exc_info=exc)
+    return APIError(500, "internal error", code="internal_error")
+
+
+def describe(err: APIError) -> str:
+    """`<code>: <message>`, the detail of ChatStream's `unknown_error_occurred,<detail>`."""
+    return f"{err.code}: {err.message}" if err.code else err.message
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map every exception to an OpenAI-style JSON error."""
 
@@ -111,18 +136,7 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         return APIError(exc.status_code, message, headers=dict(exc.headers or {})).response()
 
-    @app.exception_handler(RedisError)
-    async def _redis(_: Request, exc: RedisError) -> JSONResponse:
-        log.warning("redis error", extra={"error": str(exc)})
-        return redis_unavailable().response()
-
-    for exc_type in REDIS_ERRORS:
-        if exc_type is not OSError:
-            app.add_exception_handler(exc_type, _redis)
-
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        if isinstance(exc, OSError):
-            return redis_unavailable().response()
-        log.exception("unexpected error")
-        return APIError(500, "internal error", code="internal_error").response()
+        """Transient Redis errors are a 503; anything else is a bug: a logged 500."""
+        return as_api_error(exc).response()

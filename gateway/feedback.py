@@ -15,8 +15,9 @@ from typing import Annotated, Any
 
 import orjson
 import redis.asyncio as aioredis
-from chatstream_cluster.shared.keys import Keys
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
+
+from chatstream_cluster.shared.keys import Keys
 
 log = logging.getLogger("chatstream.gateway")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import signal
 import socket
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+
 from chatstream_cluster.gateway.app import create_app
 from chatstream_cluster.gateway.security import check_startup
 from chatstream_cluster.shared.logs import setup_logging
@@ -24,6 +26,14 @@ UVICORN_OPTIONS: dict[str, Any] = {
     "log_config": None,
     "access_log": False,
 }
+
+
+class _UnfinishedStreamFilter(logging.Filter):
+    """uvicorn reports a response left unfinished as an error; for a stream that did not end
+    normally that is deliberate (gateway/streaming.py logs it with its job id)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "returned without completing response" not in record.getMessage()
 
 
 class GatewayServer(uvicorn.Server):
@@ -63,6 +73,7 @@ class GatewayServer(uvicorn.Server):
 def main(settings: GatewaySettings) -> int:
     """Run one gateway process until SIGTERM/SIGINT; open streams get `--drain-timeout`."""
     setup_logging(settings.log_level, settings.log_format, component="gateway")
+    logging.getLogger("uvicorn.error").addFilter(_UnfinishedStreamFilter())
     check_startup(settings)  # exits 2, before binding, on an unsafe configuration
     config = uvicorn.Config(
         create_app(settings),

@@ -47,8 +47,35 @@ TOKENS = Counter(
 OPEN_STREAMS = Gauge(
     "chatstream_open_streams", "Streams this gateway is relaying now.", registry=REGISTRY
 )
-for _reason in ("queue_full", "queue_timeout", "per_key_limit", "per_session_limit"):
+TRUNCATED = Counter(
+    "chatstream_streams_truncated_total",
+    "Streams that began and did not end normally (stop/length), by reason: "
+    "client_disconnected, or the error code the client got (no_worker, redis_unavailable, "
+    "stream_resumed_elsewhere, permit_lapsed, a worker's error code, ...).",
+    ["reason"], registry=REGISTRY,
+)
+RESUMES = Counter(
+    "chatstream_resumes_total",
+    "Resumes (Last-Event-ID) by outcome: attached (running), requeued (parked, continued), "
+    "replayed (finished), requeued_live (parked under a live client), expired, not_found.",
+    ["outcome"], registry=REGISTRY,
+)
+PERMITS_LAPSED = Counter(
+    "chatstream_permits_lapsed_total",
+    "Permits found gone at refresh: retaken within the cap, or ended (their stream got "
+    "permit_lapsed).", ["outcome"], registry=REGISTRY,
+)
+TASK_FAILURES = Counter(
+    "chatstream_background_task_failures_total",
+    "Crashes of this process's supervised background tasks (each restarted with backoff).",
+    ["task"], registry=REGISTRY,
+)
+for _reason in ("queue_full", "queue_timeout", "per_key_limit"):
     REJECTED.labels(reason=_reason)
+for _reason in ("client_disconnected", "no_worker", "redis_unavailable"):
+    TRUNCATED.labels(reason=_reason)
+for _outcome in ("attached", "requeued", "replayed", "expired", "not_found"):
+    RESUMES.labels(outcome=_outcome)
 
 
 def set_cluster_gauges(status: dict[str, Any]) -> None:

@@ -5,6 +5,10 @@ capacity. Each job instead gets its own sharded channel in its own slot (`Keys.j
 and the worker's fenced publish SPUBLISHes there in the same script that checks the fence and
 stores the event (shared/events.py): the message stays on the shard that owns the job.
 
+The channel is per job *and* per gateway (`Keys.job_channel(job, gateway)`, still in the job's
+slot): the job's meta names the channel of the gateway relaying it now, so a resume through
+another gateway moves the events there, exactly as on one node.
+
 Why per job, not a few channels per gateway: the channel must share the job's slot for the
 script to publish to it atomically, so a per-gateway channel would force every job id into one
 of that gateway's slots. Job ids would have to be mined for a slot, a client resuming the job on
@@ -35,6 +39,9 @@ from collections import deque
 from typing import Any
 
 import hiredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+
 from chatstream_cluster.gateway.dispatcher import (
     CONNECT_TIMEOUT_S,
     READ_SIZE,
@@ -42,9 +49,8 @@ from chatstream_cluster.gateway.dispatcher import (
     keep_alive,
 )
 from chatstream_cluster.shared.keys import Keys
+from chatstream_cluster.shared.redis_errors import TRANSIENT_REDIS_ERRORS, reraise_if_cancelling
 from chatstream_cluster.shared.schemas import TokenEvent
-from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 log = logging.getLogger("chatstream.gateway")
 
@@ -184,55 +190,75 @@ class _ShardLink:
 class ShardedDispatcher:
     """Routes the sharded channels of this gateway's jobs to per-job inboxes."""
 
-    def __init__(self, cluster: RedisCluster, keys: Keys) -> None:
+    def __init__(self, cluster: RedisCluster, keys: Keys, gateway_id: str) -> None:
         self.cluster = cluster
         self.keys = keys
+        self.gateway_id = gateway_id
         self.inboxes: dict[str, JobInbox] = {}
         self.connected = asyncio.Event()
         self._links: dict[str, _ShardLink] = {}
         self._jobs_of: dict[bytes, str] = {}  # channel -> job id
         self._homeless: set[str] = set()  # jobs whose channel must be subscribed again
         self._rehome_wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
 
-    async def start(self, timeout: float = 10.0) -> None:
-        """Learn the slot map (so jobs can subscribe), then keep subscriptions where the slots
-        are in the background."""
-        await asyncio.wait_for(self.cluster.initialize(), timeout)
-        self.connected.set()
-        self._task = asyncio.create_task(self._rehome_loop(), name="dispatcher-rehome")
+    async def wait_connected(self, timeout: float) -> bool:
+        """True once the slot map is known (jobs can subscribe); False after `timeout`."""
+        if self.connected.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self.connected.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def run(self) -> None:
+        """Learn the slot map (retrying while the cluster is unreachable), then keep the
+        subscriptions where their slots are; forever (a supervised task)."""
+        delay = 0.1
+        while not self.connected.is_set():
+            try:
+                await asyncio.wait_for(self.cluster.initialize(), CONNECT_TIMEOUT_S)
+                self.connected.set()
+            except (*TRANSIENT_REDIS_ERRORS, OSError, TimeoutError) as exc:
+                reraise_if_cancelling()
+                log.warning("redis cluster unreachable: retrying", extra={"error": str(exc)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, REHOME_MAX_DELAY_S)
+        await self._rehome_loop()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        for link in list(self._links.values()):
+        """Close every shard connection (`run` is cancelled by its supervisor first)."""
+        links = list(self._links.values())
+        for link in links:
             link.close()
-        await asyncio.gather(*(link.task for link in self._links.values()),
-                             return_exceptions=True)
+        await asyncio.gather(*(link.task for link in links), return_exceptions=True)
 
     def reply_channel(self, job_id: str) -> str:
-        return self.keys.job_channel(job_id)
+        """The job's channel for this gateway (in the job's slot)."""
+        return self.keys.job_channel(job_id, self.gateway_id)
 
     async def register(self, job_id: str) -> JobInbox:
-        """The job's inbox, once the shard confirmed the job's channel subscription."""
+        """Route the job's events to a new inbox, once the shard confirmed the subscription of
+        the job's channel (a later registration of the same job — a resume on this gateway —
+        takes them over)."""
         inbox = JobInbox()
         self.inboxes[job_id] = inbox
-        channel = self.keys.job_channel(job_id).encode()
+        channel = self.reply_channel(job_id).encode()
         self._jobs_of[channel] = job_id
         try:
             await self._subscribe(channel)
         except BaseException:
-            self.unregister(job_id)
+            self.unregister(job_id, inbox)
             raise
         return inbox
 
-    def unregister(self, job_id: str) -> None:
-        inbox = self.inboxes.pop(job_id, None)
-        if inbox is not None:
-            inbox.close()
-        channel = self.keys.job_channel(job_id).encode()
+    def unregister(self, job_id: str, inbox: JobInbox) -> None:
+        """Stop routing to `inbox` (if the job's events still go there), and unsubscribe."""
+        inbox.close()
+        if self.inboxes.get(job_id) is not inbox:
+            return  # a later registration of the job uses the channel now
+        del self.inboxes[job_id]
+        channel = self.reply_channel(job_id).encode()
         self._jobs_of.pop(channel, None)
         self._homeless.discard(job_id)
         for link in self._links.values():
@@ -304,7 +330,7 @@ class ShardedDispatcher:
                 self._rehome_wake.set()
 
     async def _rehome(self, job_id: str) -> None:
-        await self._subscribe(self.keys.job_channel(job_id).encode())
+        await self._subscribe(self.reply_channel(job_id).encode())
         self._homeless.discard(job_id)
         inbox = self.inboxes.get(job_id)
         if inbox is not None:

@@ -1,11 +1,13 @@
-"""Cluster-wide numbers for ops, read from Redis: the same for /admin/status, /metrics and
-`chatstream status`.
+"""Cluster-wide numbers for ops, read from Redis: the same for /admin/status, /metrics,
+ChatStream's /get_load and `chatstream status`.
 
 - `queue_depth`: requests waiting = `waiting_for_permit` (in the semaphore's line) +
   `undelivered_jobs` (admitted and enqueued, not yet read by a worker).
 - `running`: generation permits held (leases of dead gateways are purged first).
-- `capacity`: the gateways' `--max-concurrent`, or when that is 0 the sum of the live,
-  not draining workers' `--max-batch` (what the gateways' admission uses).
+- `capacity`: the cap the gateways enforce: their `--max-concurrent` as they publish it in the
+  gateway registry (the largest, if they differ), or when none sets one, the sum of the live,
+  not draining workers' `--max-batch` (what the gateways' admission derives).
+- `gateways`: the live gateways and the admission settings each enforces.
 - `workers`: the live workers, sorted by id; one that missed its heartbeats for
   `--worker-ttl` is gone from the list.
 """
@@ -15,20 +17,25 @@ from __future__ import annotations
 from typing import Any
 
 import redis.asyncio as aioredis
+
 from chatstream_cluster.shared.jobqueue import JobQueue
 from chatstream_cluster.shared.keys import Keys
-from chatstream_cluster.shared.registry import WorkerRegistry
+from chatstream_cluster.shared.registry import GatewayRegistry, WorkerRegistry
 from chatstream_cluster.shared.semaphore import RedisSemaphore
 
 
-async def cluster_status(
-    redis: aioredis.Redis, keys: Keys, max_concurrent: int = 0
-) -> dict[str, Any]:
+def capacity_of(max_concurrents: list[int], worker_batches: list[int]) -> int:
+    """The cap in force: the gateways' `--max-concurrent` (the largest set), else derived."""
+    return max((m for m in max_concurrents if m > 0), default=0) or sum(worker_batches)
+
+
+async def cluster_status(redis: aioredis.Redis, keys: Keys) -> dict[str, Any]:
     """The status object (see the module docstring); raises the client's Redis errors."""
     held, waiting = await RedisSemaphore(redis, keys).counts()
     partitions = int(await redis.get(keys.queue_partitions) or 1)  # as the processes agreed
     undelivered = await JobQueue(redis, keys, partitions=partitions).undelivered()
     live = await WorkerRegistry(redis, keys).live()
+    gateways = await GatewayRegistry(redis, keys).live()
     workers = [
         {
             "id": w.id,
@@ -44,12 +51,20 @@ async def cluster_status(
         }
         for w, age in live
     ]
-    serving = sum(w.max_batch for w, _ in live if not w.draining)
+    capacity = capacity_of(
+        [g.max_concurrent for g, _ in gateways], [w.max_batch for w, _ in live if not w.draining]
+    )
     return {
         "queue_depth": waiting + undelivered,
         "waiting_for_permit": waiting,
         "undelivered_jobs": undelivered,
         "running": held,
-        "capacity": max_concurrent or serving,
+        "capacity": capacity,
+        "gateways": [
+            {"id": g.id, "host": g.host, "pid": g.pid, "max_concurrent": g.max_concurrent,
+             "max_queue": g.max_queue, "draining": g.draining,
+             "last_heartbeat_s": round(age, 3)}
+            for g, age in gateways
+        ],
         "workers": workers,
     }

@@ -1,24 +1,28 @@
 """The job queue: a Redis Stream read by the workers' consumer group (at-least-once).
 
 A job's life: the gateway `enqueue`s it (meta hash with attempt 0, then XADD); a worker
-reads it (`read`), fences it (`begin_attempt` bumps the attempt), keeps its pending entry
-fresh (`touch`) and `finish`es it (XACK + XDEL). Entries of a dead worker go idle and
-another worker takes them over with `reclaim` (XAUTOCLAIM).
+reads it (`read`), fences it (`JobStates.begin_attempt` bumps the attempt, shared/job_state.py),
+keeps its pending entry fresh (`touch`) and `finish`es it (XACK + XDEL). Entries of a dead worker
+go idle and another worker takes them over with `reclaim` (XAUTOCLAIM). Every entry carries a
+nonce; only the entry whose nonce the job's meta names may run (a resume that requeues a parked
+job adds an entry with a new nonce), so a job never runs twice at once.
 
 With `--queue-partitions N` the queue is N streams (shared/queue_partitions.py); an entry id
 handed out is then `<partition>/<id>` outside partition 0. On a Redis Cluster the job's meta
 hash and its stream entry live in different slots, so they are written one after the other
-(meta first) instead of in one MULTI; with Sentinel the writes a failover must not lose are
-followed by WAIT (shared/replica_wait.py).
+(meta first) instead of in one MULTI; with Sentinel the enqueue is followed by WAIT
+(shared/replica_wait.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import zlib
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from chatstream_cluster.shared.job_state import META_TTL_S, new_token
 from chatstream_cluster.shared.keys import JOBS_GROUP, Keys, safe_id
 from chatstream_cluster.shared.queue_partitions import (
     PartitionReader,
@@ -27,37 +31,8 @@ from chatstream_cluster.shared.queue_partitions import (
     parse_ref,
 )
 from chatstream_cluster.shared.redis_topology import is_cluster
-from chatstream_cluster.shared.replica_wait import ReplicaWait, eval_durably
+from chatstream_cluster.shared.replica_wait import ReplicaWait
 from chatstream_cluster.shared.schemas import ControlMessage, JobSpec
-from redis.exceptions import ResponseError
-
-META_TTL_S = 24 * 3600
-
-# Bump the fence and mark the job running; returns {attempt, cancelled}.
-_BEGIN_ATTEMPT = """
-local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1])
-local cancelled = redis.call('HGET', KEYS[1], 'cancel')
-return {attempt, cancelled and 1 or 0}
-"""
-
-
-# Mark a job queued again to continue it (a client resumed it); the caller then adds its
-# entry to the job stream (another slot on a cluster). KEYS: meta. ARGV: packed spec (with the
-# resuming gateway's reply channel), meta ttl.
-# Returns 0 unknown job, 1 finished (replay only), 2 to queue again.
-_RESUBMIT = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 0 end
-local cancelled = redis.call('HGET', KEYS[1], 'cancel')
-if status == 'done' and not cancelled then return 1 end
-redis.call('HDEL', KEYS[1], 'cancel')
-redis.call('HSET', KEYS[1], 'status', 'queued', 'spec', ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-return 2
-"""
-
-UNKNOWN, FINISHED, RESUBMITTED = 0, 1, 2
 
 
 class PartitionMismatch(ValueError):
@@ -72,6 +47,11 @@ class JobEntry:
     spec: JobSpec | None
     raw: dict[bytes, bytes]
     error: str = ""
+
+    @property
+    def nonce(self) -> str:
+        """The entry's nonce ('' for an entry without one)."""
+        return self.raw.get(b"nonce", b"").decode(errors="replace")
 
 
 def _decode_entry(
@@ -96,8 +76,6 @@ class JobQueue:
         self.partitions = partitions
         self.streams = [keys.job_stream(i) for i in range(partitions)]
         self._cluster = is_cluster(redis)
-        self._begin = redis.register_script(_BEGIN_ATTEMPT)
-        self._resubmit = redis.register_script(_RESUBMIT)
         self._reader = PartitionReader(redis, self.streams, JOBS_GROUP) if partitions > 1 else None
 
     async def ensure_group(self) -> None:
@@ -131,24 +109,33 @@ class JobQueue:
             await self._reader.close()
 
     # --- gateway side ----------------------------------------------------------------------
-    async def enqueue(self, spec: JobSpec) -> str:
-        """Make the job visible to workers; returns the stream entry id."""
+    async def enqueue(self, spec: JobSpec, *, owner: str, listener: str) -> str:
+        """Make the job visible to workers (meta, then the entry); returns the entry id.
+
+        `owner` may resume it later, `listener` (the connection relaying it) may cancel it;
+        workers publish its events to `spec.reply_channel`."""
+        nonce = new_token()
         meta = self.keys.job_meta(spec.job_id)
-        partition, stream = self._stream_of(spec.job_id)
         packed = spec.pack()
+        partition, stream = self._stream_of(spec.job_id)
+        fields = {
+            "attempt": 0, "status": "queued", "spec": packed, "owner": owner,
+            "channel": spec.reply_channel, "listener": listener, "nonce": nonce,
+        }
+        entry = {"spec": packed, "job_id": spec.job_id, "nonce": nonce}
         if self._cluster:  # two slots: the meta hash first, then the entry workers read
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hset(meta, mapping={"attempt": 0, "status": "queued", "spec": packed})
+                pipe.hset(meta, mapping=fields)
                 pipe.expire(meta, META_TTL_S)
                 await pipe.execute()
-            return make_ref(partition, await self.redis.xadd(stream, _entry(spec, packed)))
+            return make_ref(partition, await self.redis.xadd(stream, entry))
         wait = ReplicaWait.of(self.redis)
         # WAIT may not run inside MULTI: with a WAIT the writes go as a plain pipeline (in
         # order on one connection; only a crash between them can split them).
         async with self.redis.pipeline(transaction=wait is None) as pipe:
-            pipe.hset(meta, mapping={"attempt": 0, "status": "queued", "spec": packed})
+            pipe.hset(meta, mapping=fields)
             pipe.expire(meta, META_TTL_S)
-            pipe.xadd(stream, _entry(spec, packed))
+            pipe.xadd(stream, entry)
             if wait is not None:
                 wait.append(pipe)
             result = await pipe.execute()
@@ -156,38 +143,20 @@ class JobQueue:
             wait.note(result.pop())
         return make_ref(partition, result[-1])
 
-    async def stored_spec(self, job_id: str) -> JobSpec | None:
-        """The spec a job was enqueued with, while its meta hash lives."""
-        packed = await self.redis.hget(self.keys.job_meta(job_id), "spec")
-        return JobSpec.unpack(packed) if packed else None
-
-    async def resubmit(self, spec: JobSpec) -> tuple[int, str | None]:
-        """Queue a cancelled or unfinished job again so it continues where it stopped.
-
-        Returns (UNKNOWN | FINISHED | RESUBMITTED, entry id)."""
-        packed = spec.pack()
-        result = int(
-            await self._resubmit(keys=[self.keys.job_meta(spec.job_id)], args=[packed, META_TTL_S])
+    async def add_entry(self, job_id: str, packed_spec: bytes, nonce: str) -> str:
+        """An entry for a job that already has its meta (a resume requeues a parked job: the
+        entry becomes the valid one once `JobStates.attach` names its nonce)."""
+        partition, stream = self._stream_of(job_id)
+        entry = await self.redis.xadd(
+            stream, {"spec": packed_spec, "job_id": job_id, "nonce": nonce}
         )
-        if result != RESUBMITTED:
-            return result, None
-        partition, stream = self._stream_of(spec.job_id)
-        return result, make_ref(partition, await self.redis.xadd(stream, _entry(spec, packed)))
+        return make_ref(partition, entry)
 
-    async def cancel(self, job_id: str) -> None:
-        """Tell the workers to stop a job: a flag they check, and a broadcast."""
-        meta = self.keys.job_meta(job_id)
-        message = ControlMessage(kind="cancel", job_id=job_id).pack()
-        if self._cluster:  # a cluster pipeline takes no PUBLISH
-            await asyncio.gather(
-                self.redis.hset(meta, "cancel", 1),
-                self.redis.publish(self.keys.control_channel, message),
-            )
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(meta, "cancel", 1)
-            pipe.publish(self.keys.control_channel, message)
-            await pipe.execute()
+    async def broadcast_cancel(self, job_id: str) -> None:
+        """Tell the workers to look at a job's cancel flag now (not only at their next write)."""
+        await self.redis.publish(
+            self.keys.control_channel, ControlMessage(kind="cancel", job_id=job_id).pack()
+        )
 
     async def withdraw(self, entry_id: str) -> int:
         """Remove a job no worker has read yet; returns 1 if it was removed."""
@@ -259,12 +228,25 @@ class JobQueue:
                 self.streams[partition], JOBS_GROUP, consumer, 0, ids, justid=True
             )
 
-    async def begin_attempt(self, job_id: str, worker_id: str) -> tuple[int, bool]:
-        """Bump the job's fence; returns (attempt, cancelled)."""
-        attempt, cancelled = await eval_durably(
-            self.redis, self._begin, [self.keys.job_meta(job_id)], [worker_id]
-        )
-        return int(attempt), bool(cancelled)
+    async def prune_consumers(self, live: set[str], min_idle_s: float) -> list[str]:
+        """Remove the consumers of dead workers from the group: those not in `live`, idle for
+        `min_idle_s` and holding no pending entry (their jobs were claimed by others already;
+        XGROUP DELCONSUMER would drop pending entries). Returns the names removed (once per
+        partition they were removed from)."""
+        gone = []
+        for stream in self.streams:
+            try:
+                consumers = await self.redis.xinfo_consumers(stream, JOBS_GROUP)
+            except ResponseError:  # no stream or group yet
+                continue
+            for consumer in consumers:
+                name = consumer["name"]
+                name = name.decode() if isinstance(name, bytes) else str(name)
+                if name in live or consumer["pending"] or consumer["idle"] < min_idle_s * 1000:
+                    continue
+                await self.redis.xgroup_delconsumer(stream, JOBS_GROUP, name)
+                gone.append(name)
+        return gone
 
     async def finish(self, entry_id: str) -> None:
         """Acknowledge and delete a finished job's entry."""
@@ -282,7 +264,3 @@ class JobQueue:
         fields[b"entry_id"] = entry.entry_id.encode()
         await self.redis.xadd(self.keys.dead_letter, fields, maxlen=10_000, approximate=True)
         await self.finish(entry.entry_id)
-
-
-def _entry(spec: JobSpec, packed: bytes) -> dict[str, bytes | str]:
-    return {"spec": packed, "job_id": spec.job_id}

@@ -66,10 +66,11 @@ class Keys:
         """Channel one gateway process subscribes to; workers publish its jobs' events there."""
         return self._k("gw", safe_id(gateway_id))
 
-    def job_channel(self, job_id: str) -> str:
-        """Sharded channel of one job on a Redis Cluster (in the job's slot, so the fenced
-        publish can SPUBLISH to it); the gateway relaying the job SSUBSCRIBEs to it."""
-        return self._k("job", "{" + safe_id(job_id) + "}", "ch")
+    def job_channel(self, job_id: str, gateway_id: str) -> str:
+        """Sharded channel of one job for one gateway on a Redis Cluster: in the job's slot (so
+        the fenced publish can SPUBLISH to it), one per gateway (so the job's meta can name the
+        gateway relaying it now, as `gateway_channel` does on one node)."""
+        return self._k("job", "{" + safe_id(job_id) + "}", "ch", safe_id(gateway_id))
 
     @property
     def control_channel(self) -> str:
@@ -79,7 +80,7 @@ class Keys:
     # --- registries ------------------------------------------------------------------------
     @property
     def workers(self) -> str:
-        """Sorted set: worker id -> last heartbeat (ms, Redis clock)."""
+        """Sorted set: worker id -> heartbeat expiry (ms, Redis clock)."""
         return self._k("workers")
 
     def worker(self, worker_id: str) -> str:
@@ -88,8 +89,12 @@ class Keys:
 
     @property
     def gateways(self) -> str:
-        """Sorted set: gateway id -> last heartbeat (ms, Redis clock)."""
+        """Sorted set: gateway id -> heartbeat expiry (ms, Redis clock)."""
         return self._k("gateways")
+
+    def gateway(self, gateway_id: str) -> str:
+        """Hash describing one gateway (its admission settings); expires with its heartbeats."""
+        return self._k("gateway", safe_id(gateway_id))
 
     # --- semaphore -------------------------------------------------------------------------
     def sem_holders(self, name: str) -> str:
@@ -108,7 +113,7 @@ class Keys:
         """Counter handing out FIFO tickets."""
         return self._k("sem", "{" + safe_id(name) + "}", "ticket")
 
-    # --- sessions, feedback, metrics -------------------------------------------------------
+    # --- sessions, feedback -----------------------------------------------------------------
     def session(self, session_id: str) -> str:
         """Hash of one ChatStream session (history, params, timestamps)."""
         return self._k("session", safe_id(session_id))
@@ -121,8 +126,3 @@ class Keys:
     def feedback(self) -> str:
         """Stream of /set_feedback entries."""
         return self._k("feedback")
-
-    @property
-    def metrics(self) -> str:
-        """Hash of cluster-wide counters (rejections, tokens)."""
-        return self._k("metrics")

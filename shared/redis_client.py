@@ -6,18 +6,11 @@ a Sentinel-watched primary (shared/redis_topology.py says how each is read).
 
 from __future__ import annotations
 
-import asyncio
 import re
 
 import redis.asyncio as aioredis
-from chatstream_cluster.shared.redis_topology import make_client, parse_redis_url
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-# "Redis is unavailable": connection trouble, and a cluster that cannot serve a slot right now
-# (SlotNotCoveredError and friends, which are not RedisError subclasses).
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, RedisClusterException)
+from chatstream_cluster.shared.redis_topology import make_client, parse_redis_url
 
 
 def make_redis(
@@ -44,17 +37,6 @@ def make_pubsub_redis(url: str) -> aioredis.Redis:
             url, socket_timeout=None, socket_connect_timeout=2.0, health_check_interval=10
         )
     return make_client(url, max_connections=4, socket_timeout=None, connect_timeout=2.0)
-
-
-def reraise_if_cancelling() -> None:
-    """Inside an `except` for Redis errors in a loop: re-raise a pending cancellation.
-
-    redis-py may turn a cancellation that hits mid-command into a connection error; a loop that
-    retries on connection errors would then swallow the cancel and never stop.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError()
 
 
 def redact_url(url: str) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import redis as syncredis
+
 from chatstream_cluster.shared.redis_server import (
     RedisServer,
     find_redis_server,

@@ -24,7 +24,6 @@ from urllib.parse import parse_qsl, unquote
 
 import redis
 import redis.asyncio as aioredis
-from chatstream_cluster.shared.replica_wait import ReplicaWait
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import SSLConnection
 from redis.asyncio.retry import Retry
@@ -37,6 +36,8 @@ from redis.asyncio.sentinel import (
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from chatstream_cluster.shared.replica_wait import ReplicaWait
 
 Kind = Literal["single", "cluster", "sentinel"]
 SCHEMES: dict[str, tuple[Kind, bool]] = {

@@ -23,6 +23,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
+
 from chatstream_cluster.shared.redis_topology import (
     SENTINEL_POOLS,
     RedisTopology,

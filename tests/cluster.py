@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
 from chatstream_cluster.shared.procs import die_with_parent, settings_env
 from chatstream_cluster.shared.redis_server import free_port
 
@@ -124,11 +125,11 @@ class Cluster:
         proc.settings["worker_id"] = worker_id
         return proc
 
-    def start_gateway(self, **settings: Any) -> Proc:
-        """A gateway on a free port; returns once /healthz answers."""
-        port = free_port()
+    def start_gateway(self, port: int = 0, *, start_within: float = 60, **settings: Any) -> Proc:
+        """A gateway on `port` (default: a free one); returns once /healthz answers."""
+        port = port or free_port()
         proc = self._spawn("gateway", "gateway", {"port": port, **settings}, port=port)
-        wait_until(lambda: self._healthy(proc), 30, what=f"gateway on port {port}")
+        wait_until(lambda: self._healthy(proc), start_within, what=f"gateway on port {port}")
         return proc
 
     def _healthy(self, proc: Proc) -> bool:

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis.asyncio as aioredis
+
 from chatstream_cluster.shared.redis_local import LocalRedisCluster, LocalSentinel
 from chatstream_cluster.shared.redis_server import RedisServer
 

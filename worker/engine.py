@@ -25,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+
 from chatstream_cluster.shared.schemas import JobError
 from chatstream_cluster.worker.detokenizer import (
     ByteTable,

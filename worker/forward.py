@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from chatstream_cluster.worker.kv_cache import KVStore
 from chatstream_cluster.worker.llama_forward import LlamaFastForward, supports_fast_forward
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from chatstream_cluster.worker.hf_model import max_context
 from chatstream_cluster.worker.kv_cache import KVStore
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
 from chatstream_cluster.shared.schemas import SamplingParams
 
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from chatstream_cluster.gateway.auth import require_admin
-from chatstream_cluster.gateway.metrics import CLUSTER_GAUGES, REGISTRY, set_cluster_gauges
-from chatstream_cluster.shared.cluster_status import cluster_status
-from chatstream_cluster.shared.redis_client import REDIS_ERRORS
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.exceptions import RedisError
+
+from chatstream_cluster.gateway.auth import require_admin
+from chatstream_cluster.gateway.metrics import CLUSTER_GAUGES, REGISTRY, set_cluster_gauges
+from chatstream_cluster.shared.redis_errors import TRANSIENT_REDIS_ERRORS
 
 log = logging.getLogger("chatstream.gateway")
 
@@ -28,14 +27,14 @@ router = APIRouter(dependencies=[Depends(require_admin)])
 
 
 async def _status(request: Request) -> dict[str, Any]:
-    state = request.app.state.gateway
-    return await cluster_status(state.redis, state.keys, state.settings.max_concurrent)
+    return await request.app.state.gateway.cluster_status()
 
 
 @router.get("/admin/status")
 async def admin_status(request: Request) -> dict[str, Any]:
     """Cluster-wide: queue_depth (waiting_for_permit + undelivered_jobs), running (permits
-    held), capacity, and the live workers. 503 when Redis does not answer."""
+    held), capacity (the gateways' cap), and the live gateways and workers. 503 when Redis does
+    not answer."""
     return await _status(request)
 
 
@@ -46,7 +45,7 @@ async def metrics(request: Request) -> Response:
     gateway's own counters are still served."""
     try:
         set_cluster_gauges(await _status(request))
-    except (*REDIS_ERRORS, RedisError) as exc:
+    except TRANSIENT_REDIS_ERRORS as exc:
         log.warning("metrics: cluster gauges unavailable", extra={"error": str(exc)})
         for gauge in CLUSTER_GAUGES:
             gauge.clear()

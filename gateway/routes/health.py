@@ -16,14 +16,7 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    """Redis answers and at least one worker is live; 503 otherwise."""
-    state = request.app.state.gateway
-    await state.workers.refresh()
-    ready = state.workers.redis_ok and bool(state.workers.serving) and not state.draining
-    body = {
-        "status": "ready" if ready else "not_ready",
-        "redis": state.workers.redis_ok,
-        "workers": len(state.workers.serving),
-        "draining": state.draining,
-    }
-    return JSONResponse(body, status_code=200 if ready else 503)
+    """Redis answers, the gateway is subscribed, at least one worker is live, no background
+    task is down and the gateway is not draining; 503 otherwise."""
+    body = request.app.state.gateway.ready()
+    return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)

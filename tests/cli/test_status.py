@@ -14,8 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
-from chatstream_cluster.shared.redis_server import free_port
 
+from chatstream_cluster.shared.redis_server import free_port
 from chatstream_cluster.status import CLEAR, render_table
 from tests.cluster import ROOT, wait_until
 
@@ -76,7 +76,7 @@ def _steady(gateway) -> bool:  # noqa: ANN001
 
 def test_json_matches_admin_status(busy_cluster) -> None:  # noqa: ANN001
     cluster, gateway, worker = busy_cluster
-    done = run_status(cluster, "--json", "--max-concurrent", "3")
+    done = run_status(cluster, "--json")
     assert done.returncode == 0, done.stderr
     cli = json.loads(done.stdout)
     api = admin_status(gateway)
@@ -89,17 +89,23 @@ def test_json_matches_admin_status(busy_cluster) -> None:  # noqa: ANN001
     assert cli["workers"][0]["pid"] == worker.pid
 
 
-def test_capacity_from_env_or_derived(busy_cluster) -> None:  # noqa: ANN001
-    cluster, _gateway, _worker = busy_cluster
-    from_env = run_status(cluster, "--json", env={"CHATSTREAM_MAX_CONCURRENT": "3"})
-    assert json.loads(from_env.stdout)["capacity"] == 3
-    derived = run_status(cluster, "--json")
-    assert json.loads(derived.stdout)["capacity"] == 4  # the worker's --max-batch
+def test_capacity_is_what_the_gateways_publish_else_derived(cluster) -> None:  # noqa: ANN001
+    cluster.start_worker("mock", max_batch=4)
+    gateway = cluster.start_gateway(max_concurrent=3)
+    cluster.wait_ready(gateway)
+    published = json.loads(run_status(cluster, "--json").stdout)
+    assert published["capacity"] == 3  # the gateway's --max-concurrent, not the CLI's own flags
+    assert [(g["max_concurrent"], g["max_queue"]) for g in published["gateways"]] == [(3, 64)]
+    gateway.terminate()  # a clean stop leaves the gateway registry at once
+    gateway.wait(30)
+    derived = json.loads(run_status(cluster, "--json").stdout)
+    assert derived["gateways"] == []
+    assert derived["capacity"] == 4  # the worker's --max-batch
 
 
 def test_table_shows_the_numbers_and_every_worker(busy_cluster) -> None:  # noqa: ANN001
     cluster, _gateway, worker = busy_cluster
-    done = run_status(cluster, "--max-concurrent", "3")
+    done = run_status(cluster)
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert "queue_depth 0" in out
@@ -133,7 +139,7 @@ def test_watch_redraws_until_stopped(busy_cluster) -> None:  # noqa: ANN001
     screens = "".join(out).split(CLEAR)[1:]
     assert len(screens) >= 3
     for screen in screens[:3]:  # each redraw is a whole table
-        assert "running 1/4" in screen
+        assert "running 1/3" in screen
         assert worker.settings["worker_id"] in screen
 
 
@@ -170,6 +176,6 @@ def test_unreachable_redis_is_a_clear_error(cluster) -> None:  # noqa: ANN001
 
 def test_render_table_without_workers() -> None:
     text = render_table({"queue_depth": 2, "waiting_for_permit": 2, "undelivered_jobs": 0,
-                         "running": 0, "capacity": 0, "workers": []})
+                         "running": 0, "capacity": 0, "gateways": [], "workers": []})
     assert "queue_depth 2" in text and "running 0/0" in text
     assert "(no live worker)" in text

@@ -11,8 +11,8 @@ import httpx
 import openai
 import psutil
 import pytest
-from chatstream_cluster.shared.redis_server import free_port
 
+from chatstream_cluster.shared.redis_server import free_port
 from tests.cluster import ROOT, wait_until
 
 pytestmark = pytest.mark.slow

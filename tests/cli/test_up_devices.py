@@ -5,9 +5,9 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from chatstream_cluster.shared.settings import UpSettings
 
 from chatstream_cluster import up
+from chatstream_cluster.shared.settings import UpSettings
 from chatstream_cluster.up import visible_cuda_devices, worker_devices
 
 NVIDIA_SMI_L = (

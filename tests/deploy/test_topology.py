@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import openai
 import pytest
 import yaml
-from chatstream_cluster.shared.redis_server import free_port
 
+from chatstream_cluster.shared.redis_server import free_port
 from tests.cluster import ROOT
 from tests.faults.test_worker_crash import expected
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from chatstream_cluster.shared.redis_server import RedisServer, server_version
 
+from chatstream_cluster.shared.redis_server import RedisServer, server_version
 from tests.cluster import Cluster
 from tests.faults.test_worker_crash import StreamReader, expected
 

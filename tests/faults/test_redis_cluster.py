@@ -9,9 +9,9 @@ import httpx
 import orjson
 import pytest
 import redis as syncredis
-from chatstream_cluster.shared.keys import Keys
 from redis.crc import key_slot
 
+from chatstream_cluster.shared.keys import Keys
 from tests.cluster import Cluster, wait_until
 from tests.faults.test_worker_crash import StreamReader, expected
 from tests.gateway.test_chatstream_api import chat
@@ -80,11 +80,13 @@ def test_openai_and_chatstream_paths_on_a_cluster(
     job = job_of(reader)
     # The job's events travel on its own sharded channel, subscribed on the shard that owns
     # the job's slot; nothing goes through classic (cluster-wide) pub/sub.
-    channel = keys.job_channel(job)
-    owner = redis_cluster.owner(key_slot(channel.encode()))
+    pattern = f"{keys.prefix}:job:{{{job}}}:ch:*"  # the job's channel, of any gateway
+    owner = redis_cluster.owner(key_slot(job.encode()))
     with syncredis.Redis(port=owner) as node:
-        assert node.execute_command("PUBSUB", "SHARDNUMSUB", channel)[1] == 1
-        assert node.execute_command("PUBSUB", "NUMSUB", keys.gateway_channel("x"))[1] == 0
+        channels = node.execute_command("PUBSUB", "SHARDCHANNELS", pattern)
+        assert len(channels) == 1
+        assert node.execute_command("PUBSUB", "SHARDNUMSUB", channels[0])[1] == 1
+        assert node.execute_command("PUBSUB", "CHANNELS", f"{keys.prefix}:gw:*") == []
     assert_exact([reader], 40)
 
     # Non-streaming, and a few at once so jobs land in every partition and several slots.
@@ -104,7 +106,7 @@ def test_openai_and_chatstream_paths_on_a_cluster(
     assert status["undelivered_jobs"] == 0 and status["queue_depth"] == 0
     assert [w["id"] for w in status["workers"]] == [procs.procs[0].settings["worker_id"]]
     with syncredis.Redis(port=owner) as node:  # the finished job unsubscribed its channel
-        assert node.execute_command("PUBSUB", "SHARDNUMSUB", channel)[1] == 0
+        assert node.execute_command("PUBSUB", "SHARDCHANNELS", pattern) == []
 
 
 def test_failover_of_a_streaming_jobs_primary_keeps_the_text_exact(

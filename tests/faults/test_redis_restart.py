@@ -6,8 +6,8 @@ import time
 
 import httpx
 import pytest
-from chatstream_cluster.shared.redis_server import RedisServer
 
+from chatstream_cluster.shared.redis_server import RedisServer
 from tests.cluster import Cluster, wait_until
 from tests.faults.test_worker_crash import StreamReader, expected
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import httpx
 import orjson
 import pytest
+
 from chatstream_cluster.shared.keys import Keys
 from chatstream_cluster.shared.redis_client import make_redis
 from chatstream_cluster.shared.semaphore import RedisSemaphore
-
 from tests.cluster import Cluster, wait_until
 from tests.faults.test_worker_crash import expected
 

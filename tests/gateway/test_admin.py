@@ -11,9 +11,9 @@ from typing import Any
 
 import httpx
 import pytest
-from chatstream_cluster.shared.redis_server import RedisServer
 from prometheus_client.parser import text_string_to_metric_families
 
+from chatstream_cluster.shared.redis_server import RedisServer
 from tests.cluster import Cluster
 from tests.cluster import wait_until_async as until
 

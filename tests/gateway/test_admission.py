@@ -18,13 +18,13 @@ import httpx
 import orjson
 import pytest
 import redis.asyncio as aioredis
+
+from chatstream_cluster.cli import build_parser
 from chatstream_cluster.shared.keys import Keys
 from chatstream_cluster.shared.schemas import ChatMessage
 from chatstream_cluster.shared.semaphore import RedisSemaphore
 from chatstream_cluster.shared.settings import GatewaySettings, UpSettings, settings_from_args
 from chatstream_cluster.worker.mock_engine import mock_reply, render_prompt
-
-from chatstream_cluster.cli import build_parser
 from tests.cluster import wait_until_async as until
 
 pytestmark = pytest.mark.slow

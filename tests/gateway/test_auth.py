@@ -12,13 +12,14 @@ import os
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
 import redis.asyncio as aioredis
-from chatstream_cluster.gateway.admission import Admission, limit_permits
+
+from chatstream_cluster.cli import build_parser
+from chatstream_cluster.gateway.admission import Admission
 from chatstream_cluster.gateway.auth import (
     ADMIN,
     API,
@@ -32,14 +33,13 @@ from chatstream_cluster.gateway.errors import APIError
 from chatstream_cluster.gateway.security import startup_error
 from chatstream_cluster.shared.keys import Keys
 from chatstream_cluster.shared.redis_server import free_port
+from chatstream_cluster.shared.semaphore import RedisSemaphore
 from chatstream_cluster.shared.settings import (
     DEFAULT_SESSION_SECRET,
     GatewaySettings,
     UpSettings,
     settings_from_args,
 )
-
-from chatstream_cluster.cli import build_parser
 from tests.cluster import ROOT, wait_until
 
 KEYS = ["sk-test-alpha-0123456789", "sk-test-beta-9876543210"]
@@ -243,26 +243,24 @@ async def _pause() -> None:
     await asyncio.sleep(0.05)
 
 
-async def test_per_session_permits_cap_each_session_at_once(redis_url, key_prefix) -> None:  # noqa: ANN001
-    settings = GatewaySettings(max_concurrent_per_session=2, max_concurrent_per_key=0)
+async def test_per_key_permits_are_built_only_for_a_capped_key(redis_url, key_prefix) -> None:  # noqa: ANN001
     client = aioredis.Redis.from_url(redis_url)
     try:
-        state = SimpleNamespace(redis=client, keys=Keys(key_prefix), settings=settings)
-        admission = Admission(None, settings, None)  # the global semaphore is not used here
-        assert limit_permits(state, api_key_id="abc") == []  # no per-key cap configured
-        sid = "0123456789abcdef0123456789abcdef"
-        (permit,) = limit_permits(state, api_key_id="abc", session_id=sid)
-        assert permit.semaphore.name == f"session-{sid}" and permit.capacity == 2
+        sem = RedisSemaphore(client, Keys(key_prefix))
+        uncapped = Admission(sem, GatewaySettings(max_concurrent_per_key=0), None, Keys(key_prefix))
+        assert uncapped.extra_permits("abc") == []
+        settings = GatewaySettings(max_concurrent_per_key=2)
+        admission = Admission(sem, settings, None, Keys(key_prefix))
+        assert admission.extra_permits(None) == []  # keys off: no key id, no cap
+        (permit,) = admission.extra_permits("abc")
+        assert permit.semaphore.name == "key-abc" and permit.capacity == 2
         await admission.acquire_extra(permit, "job-1")
         await admission.acquire_extra(permit, "job-2")
         with pytest.raises(APIError) as info:
             await admission.acquire_extra(permit, "job-3")
-        assert (info.value.status, info.value.code) == (429, "per_session_limit")
-        other = limit_permits(state, session_id="f" * 32)[0]
-        await admission.acquire_extra(other, "job-4")  # another session is not affected
-        assert set(admission.extra_held) == {(permit.semaphore.name, "job-1"),
-                                             (permit.semaphore.name, "job-2"),
-                                             (other.semaphore.name, "job-4")}
+        assert (info.value.status, info.value.code) == (429, "per_key_limit")
+        (other,) = admission.extra_permits("def")
+        await admission.acquire_extra(other, "job-4")  # another key is not affected
         await admission.release_extra(permit, "job-1")
         await admission.release_extra(permit, "job-1")  # idempotent
         await admission.acquire_extra(permit, "job-3")
@@ -271,8 +269,6 @@ async def test_per_session_permits_cap_each_session_at_once(redis_url, key_prefi
         await admission.release_extra(other, "job-4")
         assert admission.extra_held == {}
         assert await permit.semaphore.counts() == (0, 0)
-        with pytest.raises(ValueError):  # a hostile session id never reaches a key name
-            limit_permits(state, session_id="x}:evil key")
     finally:
         await client.aclose()
 

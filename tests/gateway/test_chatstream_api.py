@@ -16,6 +16,7 @@ import httpx
 import orjson
 import pytest
 import redis as sync_redis
+
 from chatstream_cluster.shared.keys import Keys
 from chatstream_cluster.shared.schemas import ChatMessage
 from chatstream_cluster.worker.mock_engine import mock_reply, render_prompt

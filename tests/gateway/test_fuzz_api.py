@@ -18,12 +18,12 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from chatstream_cluster.gateway.app import create_app
-from chatstream_cluster.shared.settings import GatewaySettings
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
+from chatstream_cluster.gateway.app import create_app
+from chatstream_cluster.shared.settings import GatewaySettings
 from tests.cluster import Cluster
 
 API_KEY = "fuzz-api-key"

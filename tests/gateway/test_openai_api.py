@@ -7,6 +7,7 @@ import asyncio
 import httpx
 import openai
 import pytest
+
 from chatstream_cluster.shared.schemas import ChatMessage
 from chatstream_cluster.worker.mock_engine import mock_reply, render_prompt
 

@@ -6,16 +6,11 @@ import asyncio
 
 import pytest
 import redis.asyncio as aioredis
-from chatstream_cluster.gateway.sessions import (
-    DEFAULT_PARAMS,
-    CookieSigner,
-    Session,
-    SessionStore,
-    new_sid,
-    rendered_chars,
-    sampling_for,
-    trim_history,
-)
+
+from chatstream_cluster.gateway.sessions.cookies import CookieSigner, new_sid
+from chatstream_cluster.gateway.sessions.history import rendered_chars, trim_history
+from chatstream_cluster.gateway.sessions.params import DEFAULT_PARAMS, sampling_for
+from chatstream_cluster.gateway.sessions.store import Session, SessionStore
 from chatstream_cluster.shared.keys import Keys
 
 

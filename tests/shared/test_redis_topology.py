@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import pytest
+
 from chatstream_cluster.shared.events import EventWriter, PendingPublish
 from chatstream_cluster.shared.jobqueue import JobQueue
 from chatstream_cluster.shared.keys import JOBS_GROUP, Keys

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+
 from chatstream_cluster.shared.schemas import ChatMessage, SamplingParams
 from chatstream_cluster.shared.settings import WorkerSettings
 from chatstream_cluster.worker.demo_model import build_demo_model

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from chatstream_cluster.worker.demo_model import DEMO_NAME, EOS_ID, build_demo_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from chatstream_cluster.worker.demo_model import DEMO_NAME, EOS_ID, build_demo_model
 
 
 @pytest.fixture(scope="session")

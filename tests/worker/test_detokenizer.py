@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from chatstream_cluster.worker.demo_model import build_demo_tokenizer
 from chatstream_cluster.worker.detokenizer import (
     ByteLevelDetokenizer,

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
+
 from chatstream_cluster.shared.schemas import ChatMessage, SamplingParams
 from chatstream_cluster.worker.engine import HFEngine
 from chatstream_cluster.worker.engine_api import GenerationRequest, StepOutput

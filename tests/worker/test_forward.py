@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from chatstream_cluster.shared.schemas import ChatMessage, SamplingParams
 from chatstream_cluster.worker import engine as engine_module
 from chatstream_cluster.worker.demo_model import build_demo_tokenizer, demo_suppressed_tokens

@@ -11,12 +11,12 @@ import json
 import httpx
 import msgpack
 import redis as sync_redis
-from chatstream_cluster.shared.jobqueue import JobEntry, _decode_entry
-from chatstream_cluster.shared.keys import Keys, safe_id
-from chatstream_cluster.shared.schemas import JobSpec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from chatstream_cluster.shared.jobqueue import JobEntry, _decode_entry
+from chatstream_cluster.shared.keys import Keys, safe_id
+from chatstream_cluster.shared.schemas import JobSpec
 from tests.cluster import wait_until
 
 # Values msgpack can carry, nested.

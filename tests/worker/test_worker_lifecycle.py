@@ -12,7 +12,6 @@ from chatstream_cluster.shared.redis_server import free_port
 from chatstream_cluster.shared.settings import WorkerSettings
 from chatstream_cluster.worker.loop import Worker
 from chatstream_cluster.worker.mock_engine import MockEngine
-
 from tests.cluster import ROOT, wait_until
 
 

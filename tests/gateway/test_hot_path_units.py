@@ -1,4 +1,4 @@
-"""Unit tests for the relay's hot path: wire form, chunk bytes, inbox wait, mock schedule."""
+"""Unit tests for the relay hot path: wire form, chunk bytes, inbox wait, mock schedule."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import time
 import msgpack
 import orjson
 import pytest
+
+from chatstream_cluster.gateway.completions.encode import ChunkEncoder
 from chatstream_cluster.gateway.dispatcher import JobInbox
-from chatstream_cluster.gateway.routes.openai import ChunkEncoder
 from chatstream_cluster.shared.events import EventWriter, PendingPublish, read_events
 from chatstream_cluster.shared.keys import Keys
 from chatstream_cluster.shared.schemas import (
