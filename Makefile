@@ -28,7 +28,9 @@ $(STAMP): pyproject.toml
 up: $(STAMP)
 	$(BIN)/chatstream up $(ARGS)
 
+# scripts/install_test_deps.sh: Debian's chromium for the browser tests (apt-get, as root).
 test: $(STAMP)
+	sh scripts/install_test_deps.sh
 	$(BIN)/python -m pytest -q $(ARGS)
 
 bench: $(STAMP)

@@ -40,11 +40,23 @@ def render_table(status: dict) -> str:
             f"{w['id'][:28]:<28} {w['pid']:>7} {w['host'][:16]:<16} {w['model'][:12]:<12} "
             f"{w['device'][:8]:<8} {w['running']:>4} {w['max_batch']:>4} "
             f"{w['tokens_per_s']:>8} {w['last_heartbeat_s']:>6}  "
-            + ("draining" if w.get("draining") else "serving")
+            + w.get("state", "draining" if w.get("draining") else "serving")
         )
     if not status["workers"]:
         lines.append("(no live worker)")
+    if "last_minute" in status:
+        lines[1:1] = [render_last_minute(status["last_minute"])]
     return "\n".join(lines)
+
+
+def render_last_minute(m: dict) -> str:
+    """One line: the cluster's last-minute tokens/s, TTFT percentiles and rejections."""
+    def secs(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3g}s"
+
+    rejected = " ".join(f"{k} {v}" for k, v in m["rejected"].items()) or "none"
+    return (f"last minute (cluster): {m['tokens_per_s']:g} tok/s   TTFT p50 "
+            f"{secs(m['ttft_p50_s'])} p99 {secs(m['ttft_p99_s'])}   rejected: {rejected}")
 
 
 async def _run(settings: CommonSettings, args: argparse.Namespace) -> int:

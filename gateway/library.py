@@ -33,6 +33,12 @@ from chatstream_cluster.gateway.errors import APIError, as_api_error
 from chatstream_cluster.gateway.feedback import FeedbackHook
 from chatstream_cluster.gateway.routes import openai as openai_routes
 from chatstream_cluster.gateway.routes.chatstream import ENDPOINTS
+from chatstream_cluster.gateway.routes.ui import (
+    CHATSTREAM_UI_NAMES,
+    ChatPageOptions,
+    chat_page_router,
+    chatstream_ui_selected,
+)
 from chatstream_cluster.gateway.sessions.history import HISTORY_CHAR_BUDGET
 from chatstream_cluster.gateway.state import GatewayState
 from chatstream_cluster.shared.redis_errors import TRANSIENT_REDIS_ERRORS
@@ -41,7 +47,7 @@ from chatstream_cluster.shared.settings import DEFAULT_SESSION_SECRET, GatewaySe
 log = logging.getLogger("chatstream.gateway")
 START_WAIT_S = 5.0  # how long the first use waits for the cluster's Redis
 
-# ChatStream's web UI routes (its API names); the cluster does not serve a UI yet.
+# ChatStream's web UI routes (its API names), served by gateway/routes/ui.py.
 _UI_NAMES = {"webui_index", "webui_js"}
 
 
@@ -146,12 +152,18 @@ class ChatStreamCluster(ChatStreamAPI):
     def append_apis(self, app: FastAPI, opts: dict[str, Any] | None = None, *,
                     openai: bool = False) -> None:
         """Mount the ChatStream endpoints (ChatStream's `opts`: `{"all": True}`,
-        `{"include": [...]}` or `{"exclude": [...]}`; None = all), and with `openai=True`
-        the OpenAI-compatible `/v1` routes. The app's shutdown then closes this object."""
+        `{"include": [...]}` or `{"exclude": [...]}`; None = all), with ChatStream's web UI
+        (`webui_index`, `webui_js`: the chat page at `/`, configured by
+        `opts["web_ui_params"]`, see `ChatPageOptions.from_web_ui_params`), and with
+        `openai=True` the OpenAI-compatible `/v1` routes. The app's shutdown then closes this
+        object."""
         app.state.chatstream = self
         for name in self._selected(opts):
             method, path, endpoint = ENDPOINTS[name]
             app.add_api_route(path, endpoint, methods=[method], tags=["chatstream"])
+        if chatstream_ui_selected(opts):
+            page = ChatPageOptions.from_web_ui_params((opts or {}).get("web_ui_params"))
+            app.include_router(chat_page_router(page))
         if openai:
             app.include_router(openai_routes.router, dependencies=[Depends(self._bind_state)])
             for exc_type in (APIError, ValidationError, *TRANSIENT_REDIS_ERRORS):
@@ -179,11 +191,9 @@ class ChatStreamCluster(ChatStreamAPI):
         if len(given) > 1:
             raise ValueError(f"give only one of include, exclude, all; got {given}")
         names = set(opts.get("include") or []) | set(opts.get("exclude") or [])
-        unknown = names - set(ENDPOINTS) - _UI_NAMES
+        unknown = names - set(ENDPOINTS) - CHATSTREAM_UI_NAMES
         if unknown:
             raise ValueError(f"unknown API names {sorted(unknown)}; known: {list(ENDPOINTS)}")
-        if names & _UI_NAMES:
-            log.warning("the ChatStream web UI is not served by ChatStream Cluster yet")
         if "include" in opts:
             return [n for n in ENDPOINTS if n in names]
         if "exclude" in opts:

@@ -13,6 +13,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from chatstream_cluster.shared.ops_stats import REJECT_REASONS
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 QUEUE_DEPTH = Gauge(
@@ -28,7 +30,25 @@ CAPACITY = Gauge(
     registry=REGISTRY,
 )
 WORKERS = Gauge("chatstream_workers", "Live workers.", ["scope"], registry=REGISTRY)
-CLUSTER_GAUGES = (QUEUE_DEPTH, RUNNING, CAPACITY, WORKERS)
+# The last minute, summed over every gateway through Redis (shared/ops_stats.py): the figures
+# of /admin/status's `last_minute` and of the ops page.
+LAST_MINUTE_TOKENS = Gauge(
+    "chatstream_last_minute_tokens_per_second",
+    "Completion tokens per second relayed over the last minute, cluster-wide.", ["scope"],
+    registry=REGISTRY,
+)
+LAST_MINUTE_TTFT = Gauge(
+    "chatstream_last_minute_ttft_seconds",
+    "Time to first token over the last minute, cluster-wide, by quantile (0.5, 0.99); absent "
+    "without samples.", ["scope", "quantile"], registry=REGISTRY,
+)
+LAST_MINUTE_REJECTED = Gauge(
+    "chatstream_last_minute_rejected",
+    "Requests refused by admission over the last minute, cluster-wide, by reason.",
+    ["scope", "reason"], registry=REGISTRY,
+)
+CLUSTER_GAUGES = (QUEUE_DEPTH, RUNNING, CAPACITY, WORKERS, LAST_MINUTE_TOKENS, LAST_MINUTE_TTFT,
+                  LAST_MINUTE_REJECTED)
 
 REJECTED = Counter(
     "chatstream_rejected_total", "Requests refused by admission, by reason.", ["reason"],
@@ -70,7 +90,7 @@ TASK_FAILURES = Counter(
     "Crashes of this process's supervised background tasks (each restarted with backoff).",
     ["task"], registry=REGISTRY,
 )
-for _reason in ("queue_full", "queue_timeout", "per_key_limit"):
+for _reason in REJECT_REASONS:
     REJECTED.labels(reason=_reason)
 for _reason in ("client_disconnected", "no_worker", "redis_unavailable"):
     TRUNCATED.labels(reason=_reason)
@@ -84,3 +104,13 @@ def set_cluster_gauges(status: dict[str, Any]) -> None:
     RUNNING.labels(scope="cluster").set(status["running"])
     CAPACITY.labels(scope="cluster").set(status["capacity"])
     WORKERS.labels(scope="cluster").set(len(status["workers"]))
+    minute = status.get("last_minute")
+    if minute is None:
+        return
+    LAST_MINUTE_TOKENS.labels(scope="cluster").set(minute["tokens_per_s"])
+    LAST_MINUTE_TTFT.clear()
+    for quantile, key in (("0.5", "ttft_p50_s"), ("0.99", "ttft_p99_s")):
+        if minute[key] is not None:
+            LAST_MINUTE_TTFT.labels(scope="cluster", quantile=quantile).set(minute[key])
+    for reason, count in minute["rejected"].items():
+        LAST_MINUTE_REJECTED.labels(scope="cluster", reason=reason).set(count)

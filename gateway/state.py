@@ -14,12 +14,14 @@ from typing import Any
 from chatstream_cluster.gateway.admission import Admission
 from chatstream_cluster.gateway.dispatcher import Dispatcher
 from chatstream_cluster.gateway.metrics import TASK_FAILURES
+from chatstream_cluster.gateway.ops_recorder import OpsRecorder
 from chatstream_cluster.gateway.sharded_dispatcher import ShardedDispatcher
 from chatstream_cluster.gateway.workers import WorkerCache
 from chatstream_cluster.shared.cluster_status import cluster_status
 from chatstream_cluster.shared.job_state import JobStates
 from chatstream_cluster.shared.jobqueue import JobQueue
 from chatstream_cluster.shared.keys import Keys
+from chatstream_cluster.shared.ops_stats import OpsStats
 from chatstream_cluster.shared.redis_client import make_redis
 from chatstream_cluster.shared.redis_errors import TRANSIENT_REDIS_ERRORS, reraise_if_cancelling
 from chatstream_cluster.shared.redis_topology import is_cluster
@@ -59,6 +61,8 @@ class GatewayState:
             self.dispatcher = Dispatcher(settings.redis_url, self.keys, self.gateway_id)
         # Sentinel: follow a failover at once (shared/sentinel_watch.py).
         self.sentinel_watch = sentinel_watch(settings.redis_url, [self._reconnect_dispatcher])
+        self.ops_stats = OpsStats(self.redis, self.keys)
+        self.ops_recorder = OpsRecorder(self.ops_stats, self.semaphore, self.queue)
         self.background: set[asyncio.Task] = set()  # per-request cleanups
         self.supervisor = Supervisor(lambda name, _exc: TASK_FAILURES.labels(task=name).inc())
         self.draining = False
@@ -99,6 +103,7 @@ class GatewayState:
         sup.start("worker-cache", self.workers.refresh_loop)
         sup.start("permit-refresh", self.admission.refresh_loop)
         sup.start("gateway-heartbeat", self._heartbeat_loop)
+        sup.start("ops-recorder", self.ops_recorder.run)
         sup.start("queue-partitions", self._check_queue_partitions)
 
     def ready(self) -> dict[str, Any]:
@@ -123,6 +128,7 @@ class GatewayState:
         await self.supervisor.stop()
         with contextlib.suppress(*TRANSIENT_REDIS_ERRORS):
             await self.gateways.remove(self.gateway_id)
+        await self.ops_recorder.flush_last()
         await self.dispatcher.stop()
         await self.redis.aclose()
 

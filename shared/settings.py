@@ -167,6 +167,17 @@ class GatewaySettings(CommonSettings):
         description="A stream whose client or gateway went away stays resumable "
         "(Last-Event-ID) for this long; its generation stops at once and continues on resume.",
     )
+    ui: bool = Field(
+        True, description="Serve the chat page at / (and /chatstream.js); --no-ui turns it off."
+    )
+    ui_title: str = Field("ChatStream Cluster", description="Title of the chat page.")
+    ui_welcome_message: str = Field(
+        "", description="First message the chat page shows (not sent to the model)."
+    )
+    ops_page: bool = Field(
+        True, description="Serve the ops page at /admin (its figures want --admin-key, like "
+        "/admin/status); --no-ops-page turns it off.",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod

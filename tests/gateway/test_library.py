@@ -7,6 +7,8 @@ waits in the queue, a client that closes mid-stream, a worker that fails the job
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from urllib.parse import unquote
 import httpx
 import pytest
 from fastapi import FastAPI
+from fastapi.testclient import TestClient
 
 from chatstream_cluster import RequestHandler
 from chatstream_cluster.gateway.chatstream import constructor
@@ -184,6 +187,33 @@ def test_append_apis_options_follow_chatstream() -> None:
         select({"all": True, "exclude": []})
     with pytest.raises(ValueError, match="unknown API names"):
         select({"include": ["get_everything"]})
+
+
+def test_append_apis_mounts_the_web_ui_with_chatstreams_params() -> None:
+    chat = ChatStreamCluster(redis_url="redis://127.0.0.1:1/0", session_secret="s")
+    app = FastAPI()
+    chat.append_apis(app, {"all": True, "web_ui_params": {
+        "title": "Support <bot>", "welcomeMessage": "Hi! Ask me.", "clearContextOnReload": False,
+        "style_opts": {"button_label_regenerate": "Again", "ai_icon_url": "https://x/i.png"},
+    }})
+    client = TestClient(app)  # not started: the pages need no Redis
+    page = client.get("/").text
+    config = json.loads(re.search(r'id="chatstream-config">(.*?)</script>', page).group(1))
+    assert (config["title"], config["welcomeMessage"]) == ("Support <bot>", "Hi! Ask me.")
+    assert config["clearContextOnReload"] is False and config["labels"] == {"regenerate": "Again"}
+    assert "<title>Support &lt;bot&gt;</title>" in page and "i.png" not in page
+    assert client.get("/chatstream.js").status_code == 200
+    assert client.get("/ui/style.css").status_code == 200
+
+    def serves_ui(opts: dict[str, Any] | None) -> bool:
+        other = FastAPI()
+        chat.append_apis(other, opts)
+        return TestClient(other).get("/").status_code == 200
+
+    assert serves_ui(None) and serves_ui({"include": ["webui_index", "webui_js", "chat_stream"]})
+    assert serves_ui({"exclude": ["set_feedback"]})
+    assert not serves_ui({"exclude": ["webui_index"]})
+    assert not serves_ui({"include": ["chat_stream"]}) and not serves_ui({})
 
 
 def test_chatstream_constructor_arguments_carry_over() -> None:
