@@ -8,6 +8,7 @@ import time
 import pytest
 
 from chatstream_cluster.shared.events import EventWriter, PendingPublish
+from chatstream_cluster.shared.job_state import JobStates
 from chatstream_cluster.shared.jobqueue import JobQueue
 from chatstream_cluster.shared.keys import JOBS_GROUP, Keys
 from chatstream_cluster.shared.redis_client import make_redis, redact_url
@@ -99,7 +100,7 @@ async def test_partitions_spread_jobs_and_a_read_never_takes_more_than_asked(
     queue = JobQueue(redis, Keys(key_prefix), partitions=3)
     await queue.check_partitions()
     await queue.ensure_group()
-    refs = [await queue.enqueue(spec(f"job{i}")) for i in range(9)]
+    refs = [await queue.enqueue(spec(f"job{i}"), owner="open", listener="l") for i in range(9)]
     assert {r.split("/")[0] for r in refs if "/" in r} == {"1", "2"}  # and plain ids: partition 0
     assert await queue.undelivered() == 9
 
@@ -119,7 +120,7 @@ async def test_partitions_spread_jobs_and_a_read_never_takes_more_than_asked(
     await asyncio.sleep(0.2)
     started = time.monotonic()
     for i in range(9):  # a burst into every partition
-        await queue.enqueue(spec(f"burst{i}"))
+        await queue.enqueue(spec(f"burst{i}"), owner="open", listener="l")
     got = await reader
     assert got and time.monotonic() - started < 2
     # However many arrived, the consumer holds at most what it asked for (2) ...
@@ -146,7 +147,7 @@ async def test_a_vanished_job_stream_is_created_again(redis, key_prefix: str) ->
         await queue.ensure_group()
         await redis.delete(*queue.streams)  # what a failover to an unsynced replica leaves
         assert await queue.read("w", 1, block_ms=50) == []
-        await queue.enqueue(spec("again"))
+        await queue.enqueue(spec("again"), owner="open", listener="l")
         got = await queue.read("w", 1, block_ms=500)
         assert [e.spec.job_id for e in got] == ["again"]
         await queue.close()
@@ -164,17 +165,20 @@ async def test_writes_that_must_survive_a_failover_wait_for_a_replica(
     wait = ReplicaWait(1, 200, backoff_s=60)
     wait.attach(redis)
     try:
-        queue = JobQueue(redis, keys)
+        queue, states = JobQueue(redis, keys), JobStates(redis, keys)
         await queue.ensure_group()
         started = time.monotonic()
-        await queue.enqueue(spec("w1"))
+        await queue.enqueue(spec("w1"), owner="open", listener="l")
         assert time.monotonic() - started >= 0.19  # WAIT ran and timed out
         assert ReplicaWait.of(redis) is None  # paused now
+        nonce = (await redis.hget(keys.job_meta("w1"), "nonce")).decode()
         started = time.monotonic()
-        assert await queue.begin_attempt("w1", "worker") == (1, False)
+        assert await states.begin_attempt("w1", nonce, "worker") == (1, 0, "")
         assert time.monotonic() - started < 0.15
         wait._paused_until = 0  # due again: the fence bump is followed by WAIT too
-        assert await queue.begin_attempt("w1", "worker") == (2, False)
+        started = time.monotonic()
+        assert await states.begin_attempt("w1", nonce, "worker") == (2, 0, "")
+        assert time.monotonic() - started >= 0.19
         assert ReplicaWait.of(redis) is None
         wait._paused_until = 0
         writer = EventWriter(redis, keys, 60)
