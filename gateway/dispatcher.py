@@ -106,6 +106,17 @@ class JobInbox:
             self._timer = None
 
 
+async def wait_set(event: asyncio.Event, timeout: float) -> bool:
+    """True once `event` is set; False after `timeout` seconds without."""
+    if event.is_set():
+        return True
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
 async def keep_alive(
     writer: asyncio.StreamWriter,
     last_read: Callable[[], float],
@@ -147,13 +158,7 @@ class Dispatcher:
 
     async def wait_connected(self, timeout: float) -> bool:
         """True once subscribed (confirmed); False after `timeout` seconds without."""
-        if self.connected.is_set():
-            return True
-        try:
-            await asyncio.wait_for(self.connected.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        return await wait_set(self.connected, timeout)
 
     async def stop(self) -> None:
         """Close the connection pool (`run` is cancelled by its supervisor first)."""

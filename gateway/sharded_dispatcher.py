@@ -47,6 +47,7 @@ from chatstream_cluster.gateway.dispatcher import (
     READ_SIZE,
     JobInbox,
     keep_alive,
+    wait_set,
 )
 from chatstream_cluster.shared.keys import Keys
 from chatstream_cluster.shared.redis_errors import TRANSIENT_REDIS_ERRORS, reraise_if_cancelling
@@ -203,13 +204,7 @@ class ShardedDispatcher:
 
     async def wait_connected(self, timeout: float) -> bool:
         """True once the slot map is known (jobs can subscribe); False after `timeout`."""
-        if self.connected.is_set():
-            return True
-        try:
-            await asyncio.wait_for(self.connected.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        return await wait_set(self.connected, timeout)
 
     async def run(self) -> None:
         """Learn the slot map (retrying while the cluster is unreachable), then keep the
