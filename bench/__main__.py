@@ -1,6 +1,6 @@
 """`make bench`: run the benchmark scenarios, print a table, write JSON.
 
-Usage: python -m bench [--scenarios engine,stall,e2e,relay,many,soak]
+Usage: python -m bench [--scenarios engine,stall,e2e,relay,many,soak,scale]
                        [--out bench/results/bench.json]
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import psutil
 
-SCENARIOS = ("engine", "stall", "e2e", "relay", "many", "soak")
+SCENARIOS = ("engine", "stall", "e2e", "relay", "many", "soak", "scale")
 
 
 def _run(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -44,6 +44,10 @@ def _run(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         from bench.soak import run_soak_bench
 
         return run_soak_bench(seconds=args.soak_seconds)
+    if name == "scale":
+        from bench.redis_scale import run_scale_bench
+
+        return run_scale_bench()
     raise SystemExit(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}")
 
 

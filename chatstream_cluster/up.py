@@ -1,8 +1,9 @@
 """`chatstream up`: the local all-in-one cluster as child processes.
 
-Starts an embedded Redis (unless `--redis-url` is given), the workers (`--workers auto`: one per
-visible CUDA device, else one on CPU) and one gateway; prints the URL; restarts a child that
-dies, with backoff; on Ctrl-C or SIGTERM stops every child and the embedded Redis.
+Starts an embedded Redis (unless `--redis-url` is given; with `--redis-cluster`, a throwaway
+3-primary Redis Cluster without persistence, to try cluster mode), the workers (`--workers
+auto`: one per visible CUDA device, else one on CPU) and one gateway; prints the URL; restarts
+a child that dies, with backoff; on Ctrl-C or SIGTERM stops every child and the embedded Redis.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatstream_cluster.shared.procs import die_with_parent, settings_env
+from chatstream_cluster.shared.redis_local import LocalRedisCluster
 from chatstream_cluster.shared.redis_server import RedisServer
 from chatstream_cluster.shared.settings import (
     GatewaySettings,
@@ -91,7 +93,7 @@ class LocalCluster:
 
     def __init__(self, settings: UpSettings) -> None:
         self.settings = settings
-        self.redis: RedisServer | None = None
+        self.redis: RedisServer | LocalRedisCluster | None = None
         self.children: list[Child] = []
         self.stopping = threading.Event()
 
@@ -105,7 +107,13 @@ class LocalCluster:
         """Start everything; returns the gateway URL once it is ready."""
         s = self.settings
         redis_url = s.redis_url
-        if not redis_url:
+        if not redis_url and s.redis_cluster:
+            folder = Path(s.data_dir) / "redis-cluster"
+            shutil.rmtree(folder, ignore_errors=True)  # nodes.conf of old ports: start afresh
+            self.redis = LocalRedisCluster(folder, primaries=3, replicas=0).start()
+            redis_url = self.redis.url
+            log.info("embedded redis cluster (no persistence)", extra={"url": redis_url})
+        elif not redis_url:
             self.redis = RedisServer(Path(s.data_dir) / "redis", appendonly=True).start()
             redis_url = self.redis.url
             log.info("embedded redis", extra={"url": redis_url})

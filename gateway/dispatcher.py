@@ -12,6 +12,10 @@ the connection (URL, TLS, AUTH exactly as for the process's other clients), then
 dispatcher reads the subscribed socket itself and parses the replies in bulk with hiredis —
 about 0.5 us per message instead of ~12 us for one `PubSub.get_message` call per message. A
 quiet connection is PINGed; one that stays silent is closed and opened again.
+
+With Sentinel the connection goes to the current primary (asked of the sentinels at each
+connect) and `reconnect()` moves it after a failover (shared/sentinel_watch.py). On a Redis
+Cluster, gateway/sharded_dispatcher.py takes this module's place (gateway/state.py).
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Callable
 
 import hiredis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from chatstream_cluster.shared.keys import Keys
+from chatstream_cluster.shared.redis_topology import make_pubsub_pool
 from chatstream_cluster.shared.schemas import TokenEvent
 
 log = logging.getLogger("chatstream.gateway")
@@ -100,6 +106,40 @@ class JobInbox:
             self._timer = None
 
 
+async def wait_set(event: asyncio.Event, timeout: float) -> bool:
+    """True once `event` is set; False after `timeout` seconds without."""
+    if event.is_set():
+        return True
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def keep_alive(
+    writer: asyncio.StreamWriter,
+    last_read: Callable[[], float],
+    before_ping: Callable[[], None] | None = None,
+) -> None:
+    """PING a quiet subscribed connection; abort one that answers nothing (a half-open
+    socket), so its reader ends and the connection is made again. `last_read()` is the loop
+    time of the last bytes read; `before_ping()` runs before each PING is written."""
+    loop = asyncio.get_running_loop()
+    ping = hiredis.pack_command(("PING",))
+    while True:
+        await asyncio.sleep(PING_AFTER_S / 2)
+        quiet = loop.time() - last_read()
+        if quiet > DEAD_AFTER_S:
+            log.warning("pub/sub connection silent: reconnecting", extra={"quiet_s": quiet})
+            writer.transport.abort()
+            return
+        if quiet > PING_AFTER_S:
+            if before_ping is not None:
+                before_ping()
+            writer.write(ping)
+
+
 class _Refused(ConnectionError):
     """Redis answered the subscription with an error."""
 
@@ -112,31 +152,34 @@ class Dispatcher:
         self.channel = keys.gateway_channel(gateway_id)
         self.inboxes: dict[str, JobInbox] = {}
         self.connected = asyncio.Event()
-        self._pool = aioredis.ConnectionPool.from_url(
-            redis_url, socket_timeout=None, socket_connect_timeout=CONNECT_TIMEOUT_S
-        )
+        self._pool = make_pubsub_pool(redis_url, CONNECT_TIMEOUT_S)
+        self._writer: asyncio.StreamWriter | None = None
         self._last_read = 0.0
 
     async def wait_connected(self, timeout: float) -> bool:
         """True once subscribed (confirmed); False after `timeout` seconds without."""
-        if self.connected.is_set():
-            return True
-        try:
-            await asyncio.wait_for(self.connected.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        return await wait_set(self.connected, timeout)
 
     async def stop(self) -> None:
         """Close the connection pool (`run` is cancelled by its supervisor first)."""
         await self._pool.aclose()
 
-    def register(self, job_id: str) -> JobInbox:
+    def reply_channel(self, job_id: str) -> str:  # noqa: ARG002 - one channel for all jobs
+        """Where workers publish `job_id`'s events: this gateway's channel."""
+        return self.channel
+
+    async def register(self, job_id: str) -> JobInbox:
         """Route the job's events to a new inbox (a later registration of the same job — a
-        resume on this gateway — takes them over)."""
+        resume on this gateway — takes them over). The channel is subscribed already, since
+        start-up (async for the cluster's dispatcher, which subscribes per job)."""
         inbox = JobInbox()
         self.inboxes[job_id] = inbox
         return inbox
+
+    def reconnect(self) -> None:
+        """Drop the connection; `run` connects again (to the new primary after a failover)."""
+        if self._writer is not None:
+            self._writer.transport.abort()
 
     def unregister(self, job_id: str, inbox: JobInbox) -> None:
         """Stop routing to `inbox` (if the job's events still go there)."""
@@ -174,6 +217,7 @@ class Dispatcher:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
             finally:
+                self._writer = None
                 with contextlib.suppress(Exception):
                     await conn.disconnect(nowait=True)
 
@@ -196,6 +240,7 @@ class Dispatcher:
                 if isinstance(reply, hiredis.ReplyError):
                     raise _Refused(str(reply))
                 if isinstance(reply, list) and reply[:1] == [b"subscribe"]:
+                    self._writer = writer
                     return reader, writer, parser  # messages right behind it stay in `parser`
 
     async def _route(
@@ -232,18 +277,7 @@ class Dispatcher:
             watchdog.cancel()
 
     async def _watch(self, writer: asyncio.StreamWriter) -> None:
-        """PING a quiet connection; abort one that answers nothing (a half-open socket)."""
-        loop = asyncio.get_running_loop()
-        ping = hiredis.pack_command(("PING",))
-        while True:
-            await asyncio.sleep(PING_AFTER_S / 2)
-            quiet = loop.time() - self._last_read
-            if quiet > DEAD_AFTER_S:
-                log.warning("pub/sub connection silent: reconnecting", extra={"quiet_s": quiet})
-                writer.transport.abort()  # the read in _route ends, _run reconnects
-                return
-            if quiet > PING_AFTER_S:
-                writer.write(ping)
+        await keep_alive(writer, lambda: self._last_read)
 
     def _mark_all_lost(self) -> None:
         for inbox in self.inboxes.values():

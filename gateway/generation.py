@@ -174,7 +174,8 @@ class Generation:
             await self.take_permits()
             await self.listen()
             spec = JobSpec(
-                job_id=self.job_id, reply_channel=st.dispatcher.channel, messages=self.messages,
+                job_id=self.job_id, reply_channel=st.dispatcher.reply_channel(self.job_id),
+                messages=self.messages,
                 sampling=self.sampling, created_ms=int(time.time() * 1000),
                 return_prompt=self.return_prompt,
             )
@@ -203,7 +204,7 @@ class Generation:
         gateway's subscription is not there: the job's first events would be lost)."""
         if not await self.state.dispatcher.wait_connected(SUBSCRIBE_WAIT_S):
             raise redis_unavailable()
-        self.inbox = self.state.dispatcher.register(self.job_id)
+        self.inbox = await self.state.dispatcher.register(self.job_id)
 
     # --- events ----------------------------------------------------------------------------
     async def events(self) -> AsyncIterator[TokenEvent]:

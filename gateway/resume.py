@@ -135,7 +135,8 @@ async def _attach(gen: Generation, spec: bytes, *, requeue: bool) -> Attach:
             nonce = new_token()
             entry = await st.queue.add_entry(gen.job_id, spec, nonce)
         outcome = await st.states.attach(
-            gen.job_id, owner=gen.owner, channel=st.dispatcher.channel, listener=gen.listener,
+            gen.job_id, owner=gen.owner, channel=st.dispatcher.reply_channel(gen.job_id),
+            listener=gen.listener,
             window_s=st.settings.resume_window, nonce=nonce,
         )
         if entry is not None and outcome is not Attach.REQUEUED:

@@ -16,12 +16,12 @@ from __future__ import annotations
 import logging
 import sys
 
-import redis
-from redis.exceptions import AuthenticationError, RedisError
+from redis.exceptions import AuthenticationError, RedisClusterException, RedisError
 
 from chatstream_cluster.gateway.auth import is_loopback
 from chatstream_cluster.gateway.chatstream.roles import ClientRoles
 from chatstream_cluster.shared.redis_client import redact_url
+from chatstream_cluster.shared.redis_topology import sync_client
 from chatstream_cluster.shared.settings import DEFAULT_SESSION_SECRET, GatewaySettings
 
 log = logging.getLogger("chatstream.gateway")
@@ -55,23 +55,24 @@ def redis_error(url: str, timeout: float = 2.0) -> str | None:
     """Why Redis at `url` can never work (a bad URL, refused credentials), or None.
 
     Unreachable is not fatal (Redis may start after the gateway): it is logged."""
+    client = None
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+        client = sync_client(url, timeout)
+        client.ping()
     except ValueError as exc:
         return f"invalid --redis-url {redact_url(url)!r}: {exc}"
-    try:
-        client.ping()
     except AuthenticationError as exc:
         return (
             f"Redis at {redact_url(url)} refused the credentials: {exc} Put the right password "
             "in --redis-url (CHATSTREAM_REDIS_URL): redis://:PASSWORD@host:6379/0, or "
             "redis://USER:PASSWORD@host:6379/0 for an ACL user; rediss:// for TLS."
         )
-    except (RedisError, OSError) as exc:
+    except (RedisError, RedisClusterException, OSError) as exc:
         log.warning("redis not reachable at start-up; waiting for it",
                     extra={"redis": redact_url(url), "error": str(exc)})
     finally:
-        client.close()
+        if client is not None:
+            client.close()
     return None
 
 

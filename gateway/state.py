@@ -15,6 +15,7 @@ from chatstream_cluster.gateway.admission import Admission
 from chatstream_cluster.gateway.dispatcher import Dispatcher
 from chatstream_cluster.gateway.metrics import TASK_FAILURES
 from chatstream_cluster.gateway.ops_recorder import OpsRecorder
+from chatstream_cluster.gateway.sharded_dispatcher import ShardedDispatcher
 from chatstream_cluster.gateway.workers import WorkerCache
 from chatstream_cluster.shared.cluster_status import cluster_status
 from chatstream_cluster.shared.job_state import JobStates
@@ -23,9 +24,11 @@ from chatstream_cluster.shared.keys import Keys
 from chatstream_cluster.shared.ops_stats import OpsStats
 from chatstream_cluster.shared.redis_client import make_redis
 from chatstream_cluster.shared.redis_errors import TRANSIENT_REDIS_ERRORS, reraise_if_cancelling
+from chatstream_cluster.shared.redis_topology import is_cluster
 from chatstream_cluster.shared.registry import GatewayRegistry, WorkerRegistry
 from chatstream_cluster.shared.schemas import GatewayInfo
 from chatstream_cluster.shared.semaphore import RedisSemaphore
+from chatstream_cluster.shared.sentinel_watch import sentinel_watch
 from chatstream_cluster.shared.settings import GatewaySettings
 from chatstream_cluster.shared.supervise import Supervisor
 
@@ -44,14 +47,20 @@ class GatewayState:
         self.gateway_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.started_ms = int(time.time() * 1000)
         self.redis = make_redis(settings.redis_url)
-        self.queue = JobQueue(self.redis, self.keys)
+        self.queue = JobQueue(self.redis, self.keys, partitions=settings.queue_partitions)
         self.states = JobStates(self.redis, self.keys)
         self.registry = WorkerRegistry(self.redis, self.keys)
         self.gateways = GatewayRegistry(self.redis, self.keys)
         self.workers = WorkerCache(self.registry)
         self.semaphore = RedisSemaphore(self.redis, self.keys, lease_s=settings.permit_lease)
         self.admission = Admission(self.semaphore, settings, self.workers, self.keys)
-        self.dispatcher = Dispatcher(settings.redis_url, self.keys, self.gateway_id)
+        self.dispatcher: Dispatcher | ShardedDispatcher
+        if is_cluster(self.redis):  # one sharded channel per job (docs/operations.md)
+            self.dispatcher = ShardedDispatcher(self.redis, self.keys, self.gateway_id)
+        else:
+            self.dispatcher = Dispatcher(settings.redis_url, self.keys, self.gateway_id)
+        # Sentinel: follow a failover at once (shared/sentinel_watch.py).
+        self.sentinel_watch = sentinel_watch(settings.redis_url, [self._reconnect_dispatcher])
         self.ops_stats = OpsStats(self.redis, self.keys)
         self.ops_recorder = OpsRecorder(self.ops_stats, self.semaphore, self.queue)
         self.background: set[asyncio.Task] = set()  # per-request cleanups
@@ -74,6 +83,10 @@ class GatewayState:
             started_ms=self.started_ms, draining=self.draining,
         )
 
+    def _reconnect_dispatcher(self) -> None:
+        if isinstance(self.dispatcher, Dispatcher):
+            self.dispatcher.reconnect()
+
     async def cluster_status(self) -> dict[str, Any]:
         """The cluster-wide status (shared/cluster_status.py); raises Redis errors."""
         return await cluster_status(self.redis, self.keys)
@@ -85,10 +98,13 @@ class GatewayState:
         it is (`ready()` says when)."""
         sup = self.supervisor
         sup.start("dispatcher", self.dispatcher.run)
+        if self.sentinel_watch is not None:
+            sup.start("sentinel-watch", self.sentinel_watch.run)
         sup.start("worker-cache", self.workers.refresh_loop)
         sup.start("permit-refresh", self.admission.refresh_loop)
         sup.start("gateway-heartbeat", self._heartbeat_loop)
         sup.start("ops-recorder", self.ops_recorder.run)
+        sup.start("queue-partitions", self._check_queue_partitions)
 
     def ready(self) -> dict[str, Any]:
         """Readiness: Redis answers, a worker is live, no background task is down, not
@@ -115,6 +131,17 @@ class GatewayState:
         await self.ops_recorder.flush_last()
         await self.dispatcher.stop()
         await self.redis.aclose()
+
+    async def _check_queue_partitions(self) -> None:
+        """Agree on --queue-partitions with the other processes once Redis answers. A mismatch
+        raises PartitionMismatch: the supervisor logs it and keeps `/readyz` at 503."""
+        while True:
+            try:
+                await self.queue.check_partitions()
+                return
+            except TRANSIENT_REDIS_ERRORS:
+                reraise_if_cancelling()
+                await asyncio.sleep(GATEWAY_HEARTBEAT_S)
 
     async def _heartbeat_loop(self) -> None:
         """Publish this gateway's entry (and so its capacity) in the gateway registry."""

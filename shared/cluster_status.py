@@ -48,7 +48,8 @@ def capacity_of(max_concurrents: list[int], worker_batches: list[int]) -> int:
 async def cluster_status(redis: aioredis.Redis, keys: Keys) -> dict[str, Any]:
     """The status object (see the module docstring); raises the client's Redis errors."""
     held, waiting = await RedisSemaphore(redis, keys).counts()
-    undelivered = await JobQueue(redis, keys).undelivered()
+    partitions = int(await redis.get(keys.queue_partitions) or 1)  # as the processes agreed
+    undelivered = await JobQueue(redis, keys, partitions=partitions).undelivered()
     live = await WorkerRegistry(redis, keys).live()
     gateways = await GatewayRegistry(redis, keys).live()
     workers = [

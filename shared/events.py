@@ -7,6 +7,11 @@ write; it refuses plain events of a cancelled job, which tells the worker to sto
 of write: a plain event; the final event (stop, length or error: the job is `done`); and a park
 event (the worker stopped generating because nobody listens or the client left: the job is
 `parked`, resumable, see shared/job_state.py).
+
+On a Redis Cluster the reply channel is a sharded channel in the job's own slot
+(`Keys.job_channel`) and the script SPUBLISHes there, so the fence, the stream write and the
+publish stay one atomic call on the shard that owns the job (docs/operations.md). With
+Sentinel a round of events ends with WAIT (shared/replica_wait.py).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from chatstream_cluster.shared.keys import Keys
+from chatstream_cluster.shared.redis_topology import is_cluster
+from chatstream_cluster.shared.replica_wait import ReplicaWait
 from chatstream_cluster.shared.schemas import TokenEvent
 
 FENCED = -1
@@ -46,6 +53,8 @@ elseif kind == 'p' then
 end
 return redis.call('PUBLISH', meta[3] or ARGV[4], ARGV[3])
 """
+# The same on a cluster: the channel is in the job's slot (sharded pub/sub, Redis >= 7).
+_SPUBLISH_EVENT = _PUBLISH_EVENT.replace("'PUBLISH'", "'SPUBLISH'")
 
 
 @dataclass
@@ -70,7 +79,8 @@ class EventWriter:
         self.redis = redis
         self.keys = keys
         self.ttl_ms = int(ttl_s * 1000)
-        self._script = redis.register_script(_PUBLISH_EVENT)
+        self._source = _SPUBLISH_EVENT if is_cluster(redis) else _PUBLISH_EVENT
+        self._script = redis.register_script(self._source)
 
     async def publish(self, batch: list[PendingPublish]) -> list[int]:
         """Returns per event: receivers (>= 0), FENCED, CANCELLED or DUPLICATE.
@@ -78,14 +88,15 @@ class EventWriter:
         One round trip for the whole batch: EVALSHA straight into the pipeline (a redis-py
         `Script` in a pipeline would first ask SCRIPT EXISTS, a second round trip per batch);
         only when Redis lost its script cache (NOSCRIPT, e.g. after a restart) is the script
-        loaded and the refused events sent again.
+        loaded and the refused events sent again. With Sentinel the round ends with a WAIT
+        (shared/replica_wait.py), so a failover cannot lose an event the worker saw written.
         """
         if not batch:
             return []
         results = await self._send(batch)
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if missing:
-            await self.redis.script_load(_PUBLISH_EVENT)
+            await self.redis.script_load(self._source)
             again = await self._send([batch[i] for i in missing])
             for i, result in zip(missing, again, strict=True):
                 results[i] = result
@@ -96,10 +107,12 @@ class EventWriter:
 
     async def _send(self, batch: list[PendingPublish]) -> list[Any]:
         sha, ttl_ms, keys = self._script.sha, self.ttl_ms, self.keys
+        wait = ReplicaWait.of(self.redis)
         async with self.redis.pipeline(transaction=False) as pipe:
             for item in batch:
                 ev = item.event
-                pipe.evalsha(
+                pipe.execute_command(  # not pipe.evalsha: a cluster pipeline refuses that name
+                    "EVALSHA",
                     sha,
                     2,
                     keys.job_meta(ev.job_id),
@@ -111,7 +124,12 @@ class EventWriter:
                     ttl_ms,
                     item.kind,
                 )
-            return await pipe.execute(raise_on_error=False)
+            if wait is not None:
+                wait.append(pipe)
+            results = await pipe.execute(raise_on_error=False)
+        if wait is not None:
+            wait.note(results.pop())
+        return results
 
 
 async def read_events(

@@ -27,6 +27,7 @@ from enum import StrEnum
 import redis.asyncio as aioredis
 
 from chatstream_cluster.shared.keys import Keys
+from chatstream_cluster.shared.replica_wait import eval_durably
 
 META_TTL_S = 24 * 3600
 
@@ -180,8 +181,9 @@ class JobStates:
         """Bump the fence and mark the job running: (attempt, takeovers so far, ""), or
         (0, 0, why not). `takeover`: the entry was claimed from a dead worker (counted, so a
         job that kills every worker stops being retried)."""
-        reply = await self._begin(
-            keys=[self.keys.job_meta(job_id)], args=[nonce, worker_id, "1" if takeover else ""]
+        reply = await eval_durably(  # with Sentinel: WAIT, so a failover keeps the fence
+            self.redis, self._begin, [self.keys.job_meta(job_id)],
+            [nonce, worker_id, "1" if takeover else ""],
         )
         if int(reply[0]):
             return int(reply[0]), int(reply[1]), ""

@@ -38,6 +38,16 @@ class Keys:
         """Stream of job specs, read by the workers' consumer group."""
         return self._k("jobs")
 
+    def job_stream(self, partition: int) -> str:
+        """Partition `partition` of the job queue (`--queue-partitions`); partition 0 is `jobs`.
+        Each is its own key, so on a cluster each lives in its own slot."""
+        return self.jobs if partition == 0 else self._k("jobs", f"p{int(partition)}")
+
+    @property
+    def queue_partitions(self) -> str:
+        """String: the partition count the processes sharing this prefix agreed on."""
+        return self._k("jobs", "partitions")
+
     @property
     def dead_letter(self) -> str:
         """Stream of job entries that could not be decoded or ran out of attempts."""
@@ -55,6 +65,12 @@ class Keys:
     def gateway_channel(self, gateway_id: str) -> str:
         """Channel one gateway process subscribes to; workers publish its jobs' events there."""
         return self._k("gw", safe_id(gateway_id))
+
+    def job_channel(self, job_id: str, gateway_id: str) -> str:
+        """Sharded channel of one job for one gateway on a Redis Cluster: in the job's slot (so
+        the fenced publish can SPUBLISH to it), one per gateway (so the job's meta can name the
+        gateway relaying it now, as `gateway_channel` does on one node)."""
+        return self._k("job", "{" + safe_id(job_id) + "}", "ch", safe_id(gateway_id))
 
     @property
     def control_channel(self) -> str:

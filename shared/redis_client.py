@@ -1,12 +1,16 @@
-"""One asyncio Redis connection pool per process, from a redis:// or rediss:// URL."""
+"""One asyncio Redis client (and connection pool) per process, from a Redis URL.
+
+`redis://`/`rediss://` is one node; `redis+cluster://` a Redis Cluster and `redis+sentinel://`
+a Sentinel-watched primary (shared/redis_topology.py says how each is read).
+"""
 
 from __future__ import annotations
 
+import re
+
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from chatstream_cluster.shared.redis_topology import make_client, parse_redis_url
 
 
 def make_redis(
@@ -14,34 +18,30 @@ def make_redis(
 ) -> aioredis.Redis:
     """An asyncio client with bounded retries, so a Redis outage fails fast instead of hanging.
 
-    Passwords and TLS come from the URL (`redis://:pw@host:6379/0`, `rediss://...`).
+    Passwords and TLS come from the URL (`redis://:pw@host:6379/0`, `rediss://...`). For a
+    cluster it is a `RedisCluster` (same command API; `max_connections` per node).
     """
-    # A blocking pool: a burst of more than `max_connections` calls waits for a free
-    # connection (up to `socket_timeout`) instead of failing with "Too many connections".
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=socket_timeout,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=1.0,
-        health_check_interval=15,
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=1),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    return make_client(
+        url, max_connections=max_connections, socket_timeout=socket_timeout, connect_timeout=1.0
     )
-    client = aioredis.Redis(connection_pool=pool)
-    client.auto_close_connection_pool = True
-    return client
 
 
 def make_pubsub_redis(url: str) -> aioredis.Redis:
-    """A client for a long-lived pub/sub connection (no read timeout: it waits for messages)."""
-    return aioredis.Redis.from_url(
-        url, socket_timeout=None, socket_connect_timeout=2.0, health_check_interval=10
-    )
+    """A client for a long-lived pub/sub connection (no read timeout: it waits for messages).
+
+    On a cluster, classic PUBLISH reaches every node, so a SUBSCRIBE anywhere hears it; call
+    `await client.initialize()` before `pubsub()` (the cluster client learns its nodes there).
+    """
+    if parse_redis_url(url).kind == "single":
+        return aioredis.Redis.from_url(
+            url, socket_timeout=None, socket_connect_timeout=2.0, health_check_interval=10
+        )
+    return make_client(url, max_connections=4, socket_timeout=None, connect_timeout=2.0)
 
 
 def redact_url(url: str) -> str:
-    """The Redis URL without its password (for messages and logs)."""
+    """The Redis URL without its passwords (for messages and logs)."""
+    url = re.sub(r"(sentinel_password=)[^&]*", r"\1***", url)
     scheme, sep, rest = url.partition("://")
     creds, at, host = rest.rpartition("@")
     if not at:

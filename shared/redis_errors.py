@@ -18,16 +18,20 @@ import asyncio
 
 from redis.exceptions import (
     ClusterDownError,
+    ClusterError,
     OutOfMemoryError,
     ReadOnlyError,
+    SlotNotCoveredError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 #: The Redis errors that say "not now" rather than "wrong": retry later, or answer 503.
-#: (BusyLoadingError and the authentication errors are ConnectionErrors; MasterDownError is a
-#: ClusterDownError.)
+#: (BusyLoadingError, the authentication errors and Sentinel's MasterNotFoundError are
+#: ConnectionErrors; MasterDownError is a ClusterDownError.) On a Redis Cluster: a slot no
+#: node serves right now (SlotNotCoveredError, mid-failover; not a RedisError subclass) and a
+#: command whose redirections and retries ran out (ClusterError).
 TRANSIENT_REDIS_ERRORS: tuple[type[Exception], ...] = (
     RedisConnectionError,
     RedisTimeoutError,
@@ -35,6 +39,8 @@ TRANSIENT_REDIS_ERRORS: tuple[type[Exception], ...] = (
     TryAgainError,
     ClusterDownError,
     OutOfMemoryError,
+    SlotNotCoveredError,
+    ClusterError,
 )
 
 

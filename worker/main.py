@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 
+from chatstream_cluster.shared.jobqueue import PartitionMismatch
 from chatstream_cluster.shared.logs import setup_logging
 from chatstream_cluster.shared.settings import WorkerSettings
 from chatstream_cluster.worker.engine_api import UnsupportedModel
@@ -28,7 +29,11 @@ async def serve(settings: WorkerSettings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.drain)
-    await worker.run()
+    try:
+        await worker.run()
+    except PartitionMismatch as exc:
+        log.error(str(exc))
+        return 2
     return 1 if worker.engine_failed else 0
 
 

@@ -19,7 +19,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def up(tmp_path):  # noqa: ANN001, ANN201
+def up(tmp_path, request):  # noqa: ANN001, ANN201
+    """`chatstream up` with 2 mock workers; `parametrize("up", [[flags]], indirect=True)` adds
+    flags."""
     port = free_port()
     log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
@@ -42,6 +44,7 @@ def up(tmp_path):  # noqa: ANN001, ANN201
             "0.2",
             "--worker-ttl",
             "1",
+            *getattr(request, "param", []),
         ],
         cwd=ROOT,
         stdout=log,
@@ -74,16 +77,15 @@ def _workers(url: str) -> list[dict]:
     return httpx.get(url + "/admin/status", timeout=5).json()["workers"]
 
 
-def test_up_serves_and_stops_with_no_leftover_process(up) -> None:  # noqa: ANN001
-    proc, url, tmp_path = up
+def _chat_once(url: str, content: str) -> None:
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
     reply = client.chat.completions.create(
-        model="mock", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+        model="mock", messages=[{"role": "user", "content": content}], max_tokens=5
     )
     assert reply.usage.completion_tokens == 5
-    children = _descendants(proc.pid)
-    assert len(children) >= 4  # redis, 2 workers, gateway
-    assert (tmp_path / "data" / "redis").is_dir()  # append-only data folder
+
+
+def _stop_and_check_children_exit(proc: subprocess.Popen, children: list[int]) -> None:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(40) == 0
     wait_until(
@@ -96,6 +98,15 @@ def test_up_serves_and_stops_with_no_leftover_process(up) -> None:  # noqa: ANN0
         10,
         what="every child to exit",
     )
+
+
+def test_up_serves_and_stops_with_no_leftover_process(up) -> None:  # noqa: ANN001
+    proc, url, tmp_path = up
+    _chat_once(url, "hi")
+    children = _descendants(proc.pid)
+    assert len(children) >= 4  # redis, 2 workers, gateway
+    assert (tmp_path / "data" / "redis").is_dir()  # append-only data folder
+    _stop_and_check_children_exit(proc, children)
 
 
 def test_up_restarts_a_dead_worker_and_keeps_serving(up) -> None:  # noqa: ANN001
@@ -115,3 +126,14 @@ def test_up_restarts_a_dead_worker_and_keeps_serving(up) -> None:  # noqa: ANN00
         what="the worker to be restarted",
     )
     assert proc.poll() is None
+
+
+@pytest.mark.parametrize("up", [["--redis-cluster"]], indirect=True)
+def test_up_with_an_embedded_redis_cluster(up) -> None:  # noqa: ANN001
+    proc, url, _ = up
+    _chat_once(url, "sharded")
+    children = _descendants(proc.pid)
+    titles = {p: " ".join(psutil.Process(p).cmdline()) for p in children}
+    servers = [p for p, title in titles.items() if "[cluster]" in title]  # the server's title
+    assert len(servers) == 3  # three primaries
+    _stop_and_check_children_exit(proc, children)

@@ -512,3 +512,75 @@ def test_images_run_as_non_root_with_a_healthcheck() -> None:
     assert installs and not any(re.search(r"torch|transformers", rest) for rest in installs)
     assert re.search(r"(?m)^ARG CUDA_BASE=nvidia/cuda:\S+", worker)
     assert re.search(r"TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cu\d+", worker)
+
+
+# --- Redis Cluster and Sentinel variants (override files of docker-compose.yml) ---------------
+
+REDIS_VARIANTS = {
+    DEPLOY / "docker-compose.redis-cluster.yml": "cluster",
+    DEPLOY / "docker-compose.redis-sentinel.yml": "sentinel",
+}
+
+
+def compose_merge(base: Any, override: Any) -> Any:
+    """What `docker compose -f base -f override` sees, closely enough to validate it: mappings
+    merge key by key, anything else is replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = dict(base)
+        for key, value in override.items():
+            out[key] = compose_merge(base.get(key), value) if key in base else value
+        return out
+    return override
+
+
+def interpolate_defaults(value: str) -> str:
+    """${VAR:-default} -> default, ${VAR} and ${VAR:?msg} -> "" (no .env here)."""
+    return re.sub(r"\$\{[A-Z0-9_]+(?::-([^}]*)|:\?[^}]*)?\}", lambda m: m[1] or "", value)
+
+
+def merged_variant(path: Path) -> dict[str, Any]:
+    return compose_merge(load_compose(REPO / "docker-compose.yml"), load_compose(path))
+
+
+@pytest.mark.parametrize("path", REDIS_VARIANTS, ids=lambda p: p.name)
+def test_redis_variant_matches_the_compose_spec_alone_and_merged(
+    path: Path, tmp_path: Path
+) -> None:
+    merged = tmp_path / "merged.yml"
+    merged.write_text(yaml.safe_dump(merged_variant(path)))
+    for file in (path, merged):
+        proc = subprocess.run(
+            [sys.executable, "-m", "check_jsonschema", "--builtin-schema",
+             "vendor.compose-spec", str(file)],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert proc.returncode == 0, (file.name, proc.stdout + proc.stderr)
+
+
+@pytest.mark.parametrize("path", REDIS_VARIANTS, ids=lambda p: p.name)
+def test_redis_variant_points_every_process_at_its_redis(path: Path) -> None:
+    from chatstream_cluster.shared.redis_topology import parse_redis_url
+    from chatstream_cluster.shared.settings import GatewaySettings, WorkerSettings
+
+    compose = merged_variant(path)
+    services = compose["services"]
+    hostnames = {svc.get("hostname", name) for name, svc in services.items()} | set(services)
+    processes = 0
+    for name, service in services.items():
+        calls = chatstream_calls(command_words(service.get("command"), compose=True))
+        if not any(sub in ("gateway", "worker") for sub, _ in calls):
+            continue
+        processes += 1
+        env = environment_of(service)
+        topology = parse_redis_url(interpolate_defaults(env["CHATSTREAM_REDIS_URL"]))
+        assert topology.kind == REDIS_VARIANTS[path], (path.name, name)
+        assert {host for host, _ in topology.hosts} <= hostnames, (path.name, name)
+        for dependency in service.get("depends_on") or {}:
+            assert dependency in services, (path.name, name, dependency)
+        settings = {k.removeprefix("CHATSTREAM_").lower(): v for k, v in env.items()
+                    if k.startswith("CHATSTREAM_")}
+        fields = set(GatewaySettings.model_fields) | set(WorkerSettings.model_fields)
+        assert set(settings) <= fields, (path.name, name, set(settings) - fields)
+    assert processes >= 5, f"{path.name}: gateways and workers not all overridden"
+    for name, service in load_compose(path)["services"].items():
+        assert name in services and (service.get("image") or services[name].get("image")), name
