@@ -60,6 +60,7 @@ NO_WORKER_GRACE_S = 3.0  # no live worker for this long mid-stream: end with an 
 REDIS_DOWN_GRACE_S = 30.0
 MAX_REQUEUES = 3  # parked under a live client (its events reached nobody) this often: give up
 SUBSCRIBE_WAIT_S = 2.0  # a request waits this long for the gateway's pub/sub subscription
+GAP_GIVE_UP_S = 10.0  # later events stored, an earlier one missing for this long: it is lost
 
 CloseHook = Callable[["Generation", str], Awaitable[None]]
 
@@ -120,6 +121,7 @@ class Generation:
         self._ttft_seen = False
         self._local_end = False  # the end event was made here, not stored by a worker
         self._lapsed = False
+        self._gap_since: float | None = None
         self._streaming = False
         self._closed = False
 
@@ -308,6 +310,9 @@ class Generation:
             await self.repair()
             if self.order.ready:
                 return no_worker_since
+            if self._gap_lost():
+                return self.end_with_error("events_lost", "part of this stream was lost (Redis "
+                                           "lost writes in a failover); retry the request")
             status, listener = await st.states.watch(self.job_id)
         except TRANSIENT_REDIS_ERRORS:
             if time.monotonic() - silent_since > REDIS_DOWN_GRACE_S:
@@ -331,6 +336,16 @@ class Generation:
                 "no_worker", "no worker is left to continue this generation; retry later"
             )
         return no_worker_since
+
+    def _gap_lost(self) -> bool:
+        """A gap that reading the job's stream has not filled for GAP_GIVE_UP_S: the missing
+        events are gone (a failover lost a write), so the text can never be exact."""
+        if not self.order.has_gap:
+            self._gap_since = None
+            return False
+        now = time.monotonic()
+        self._gap_since = self._gap_since or now
+        return now - self._gap_since > GAP_GIVE_UP_S
 
     def end_with_error(self, code: str, message: str) -> TokenEvent:
         """An end made here (not by a worker): the job itself did not end."""

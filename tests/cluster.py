@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from chatstream_cluster.shared.procs import die_with_parent, settings_env
 from chatstream_cluster.shared.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spawner")
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):  # noqa: ANN001, ANN201
@@ -102,14 +104,18 @@ class Cluster:
         env = {**os.environ, **settings_env(values), "HF_HUB_OFFLINE": "1"}
         log_path = self.tmp_path / f"{name}-{len(self.procs)}.log"
         with open(log_path, "wb") as log:
-            process = subprocess.Popen(
+            # PR_SET_PDEATHSIG fires when the *thread* that forked the child ends: fork from
+            # one long-lived thread, so a child started from a short-lived test thread (a soak's
+            # restart) is not sent SIGTERM when that thread returns.
+            process = _SPAWNER.submit(
+                subprocess.Popen,
                 [sys.executable, "-m", "chatstream_cluster.cli", command],
                 env=env,
                 cwd=ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 preexec_fn=die_with_parent,
-            )
+            ).result()
         proc = Proc(name, process, log_path, port, values)
         self.procs.append(proc)
         return proc

@@ -14,6 +14,7 @@ import redis as syncredis
 
 from chatstream_cluster.shared.keys import Keys
 from chatstream_cluster.shared.redis_server import RedisServer
+from chatstream_cluster.shared.schemas import TokenEvent
 from tests.cluster import Cluster, wait_until
 from tests.faults.test_resume_window import admin, meta
 from tests.sse import body, expected, open_stream, stream
@@ -188,3 +189,21 @@ def test_redis_frozen_3s_during_16_streams_none_ends_short(own_cluster) -> None:
     exact = sum(1 for r in results.values() if r.finish == "length")
     assert exact >= 1
     wait_until(lambda: admin(gateway)["running"] == 0, 30, what="permits back")
+
+
+def test_an_event_lost_for_good_ends_the_stream_with_an_error(cluster) -> None:  # noqa: ANN001
+    """A failover that lost a write leaves a hole in a job's events: the relay waits for it a
+    while (it may still arrive), then says so instead of waiting forever or skipping it."""
+    cluster.start_worker("mock")
+    gateway = cluster.start_gateway()
+    cluster.wait_ready(gateway)
+    keys, job = Keys(cluster.key_prefix), "c" * 32
+    with redis_client(cluster) as r:
+        r.hset(keys.job_meta(job), mapping={"status": "running", "owner": "open",
+                                            "attempt": 1, "listener": "gone", "nonce": "n"})
+        for seq, text, finish in ((1, "one ", None), (3, "three", "stop")):
+            event = TokenEvent(job_id=job, seq=seq, attempt=1, text=text, finish_reason=finish)
+            r.xadd(keys.job_events(job), {"e": event.pack()}, id=f"{seq}-0")
+    resumed = stream(gateway.url, body("gap", 10), last_event_id=f"{job}:0", timeout=60)
+    assert resumed.text == "one "  # never the text after the hole
+    assert resumed.finish is None and resumed.error_code == "events_lost"
