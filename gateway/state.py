@@ -39,7 +39,7 @@ class GatewayState:
         self.keys = Keys(settings.key_prefix)
         self.gateway_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.started_ms = int(time.time() * 1000)
-        self.redis = make_redis(settings.redis_url)
+        self.redis = make_redis(settings.redis_url, socket_timeout=settings.redis_timeout)
         self.queue = JobQueue(self.redis, self.keys)
         self.registry = WorkerRegistry(self.redis, self.keys)
         self.gateways = GatewayRegistry(self.redis, self.keys)
@@ -48,7 +48,8 @@ class GatewayState:
         self.admission = Admission(self.semaphore, settings, self.workers, self.keys)
         self.dispatcher = Dispatcher(settings.redis_url, self.keys, self.gateway_id)
         self.background: set[asyncio.Task] = set()
-        self.draining = False
+        self.draining = False  # refusing new generations (shutting down)
+        self.leaving = False  # SIGTERM seen: /readyz 503, still serving (--shutdown-grace)
         self._heartbeat_task: asyncio.Task | None = None
 
     def served_models(self) -> list[str]:

@@ -52,6 +52,8 @@ class RedisServer:
         password: str | None = None,
         host: str = "127.0.0.1",
         appendfsync: str = "everysec",
+        maxmemory: str = "0",
+        maxmemory_policy: str = "noeviction",
     ) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
@@ -59,6 +61,9 @@ class RedisServer:
         self.appendonly = appendonly
         self.password = password
         self.appendfsync = appendfsync
+        # noeviction: past maxmemory, writes fail; no key (a permit, a queued job) is evicted.
+        self.maxmemory = maxmemory
+        self.maxmemory_policy = maxmemory_policy
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -87,6 +92,10 @@ class RedisServer:
             "no",
             "--loglevel",
             "warning",
+            "--maxmemory",
+            self.maxmemory,
+            "--maxmemory-policy",
+            self.maxmemory_policy,
         ]
         if self.password:
             args += ["--requirepass", self.password]

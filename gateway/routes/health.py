@@ -1,4 +1,4 @@
-"""Liveness and readiness probes (always open, no key)."""
+"""Liveness and readiness probes (always open, no key; GET and HEAD)."""
 
 from __future__ import annotations
 
@@ -8,22 +8,24 @@ from fastapi.responses import JSONResponse
 router = APIRouter()
 
 
-@router.get("/healthz")
+@router.api_route("/healthz", methods=["GET", "HEAD"])
 async def healthz() -> dict[str, str]:
-    """The process is alive."""
+    """The process is alive (no Redis call: a Redis outage is /readyz's to report)."""
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.api_route("/readyz", methods=["GET", "HEAD"])
 async def readyz(request: Request) -> JSONResponse:
-    """Redis answers and at least one worker is live; 503 otherwise."""
+    """Redis answers and at least one worker is live; 503 otherwise, and from SIGTERM on
+    (`draining`), while the gateway still serves for `--shutdown-grace`."""
     state = request.app.state.gateway
     await state.workers.refresh()
-    ready = state.workers.redis_ok and bool(state.workers.serving) and not state.draining
+    leaving = state.leaving or state.draining
+    ready = state.workers.redis_ok and bool(state.workers.serving) and not leaving
     body = {
         "status": "ready" if ready else "not_ready",
         "redis": state.workers.redis_ok,
         "workers": len(state.workers.serving),
-        "draining": state.draining,
+        "draining": leaving,
     }
     return JSONResponse(body, status_code=200 if ready else 503)
