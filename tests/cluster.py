@@ -126,9 +126,11 @@ class Cluster:
         return proc
 
     def start_gateway(self, **settings: Any) -> Proc:
-        """A gateway on a free port; returns once /healthz answers."""
+        """A gateway on a free port; returns once /healthz answers. No shutdown grace unless
+        asked for: nothing balances load in front of a test's gateway."""
         port = free_port()
-        proc = self._spawn("gateway", "gateway", {"port": port, **settings}, port=port)
+        proc = self._spawn("gateway", "gateway", {"port": port, "shutdown_grace": 0, **settings},
+                           port=port)
         wait_until(lambda: self._healthy(proc), 30, what=f"gateway on port {port}")
         return proc
 
