@@ -29,10 +29,12 @@ def make_redis(
         socket_timeout=socket_timeout,
         socket_connect_timeout=1.0,
         health_check_interval=15,
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=1),
         # A broken pooled connection (Redis restarted) is worth one retry; a timeout is not:
         # a Redis that did not answer in `socket_timeout` will not answer the retry either, and
-        # the retry would double how long a request waits before its 503.
+        # the retry would double how long a request waits before its 503. (Retry's default
+        # `supported_errors` include TimeoutError, and `retry_on_error` only adds to them.)
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=1,
+                    supported_errors=(RedisConnectionError,)),
         retry_on_error=[RedisConnectionError],
     )
     client = aioredis.Redis(connection_pool=pool)
