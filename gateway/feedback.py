@@ -99,7 +99,7 @@ async def record_feedback(
     async with redis.pipeline(transaction=False) as pipe:
         pipe.xadd(keys.feedback, {"data": feedback.to_json()}, maxlen=max_entries,
                   approximate=True)
-        pipe.xtrim(keys.feedback, minid=f"{oldest_ms}-0", approximate=True)
+        pipe.xtrim(keys.feedback, minid=f"{oldest_ms}-0", approximate=False)
         entry_id, _ = await pipe.execute()
     return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
