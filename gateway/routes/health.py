@@ -8,13 +8,15 @@ from fastapi.responses import JSONResponse
 router = APIRouter()
 
 
-@router.api_route("/healthz", methods=["GET", "HEAD"])
+@router.get("/healthz")
+@router.head("/healthz", include_in_schema=False)
 async def healthz() -> dict[str, str]:
     """The process is alive (no Redis call: a Redis outage is /readyz's to report)."""
     return {"status": "ok"}
 
 
-@router.api_route("/readyz", methods=["GET", "HEAD"])
+@router.get("/readyz")
+@router.head("/readyz", include_in_schema=False)
 async def readyz(request: Request) -> JSONResponse:
     """Redis answers and at least one worker is live; 503 otherwise, and from SIGTERM on
     (`draining`), while the gateway still serves for `--shutdown-grace`."""

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
 import psutil
 import pytest
+import redis as syncredis
 
 from chatstream_cluster.shared.redis_server import free_port
 from tests.cluster import ROOT, wait_until
@@ -18,8 +22,10 @@ from tests.cluster import ROOT, wait_until
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def up(tmp_path):  # noqa: ANN001, ANN201
+@contextlib.contextmanager
+def run_up(tmp_path: Path, env: dict[str, str] | None = None) -> Iterator[tuple]:
+    """`chatstream up` (mock model, two workers) with `env` added; yields (process, URL,
+    tmp_path) once it printed its URL."""
     port = free_port()
     log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
@@ -46,7 +52,7 @@ def up(tmp_path):  # noqa: ANN001, ANN201
         cwd=ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "CHATSTREAM_LOG_FORMAT": "text"},
+        env={**os.environ, "CHATSTREAM_LOG_FORMAT": "text", **(env or {})},
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -61,6 +67,12 @@ def up(tmp_path):  # noqa: ANN001, ANN201
             proc.kill()
             proc.wait(10)
         log.close()
+
+
+@pytest.fixture
+def up(tmp_path):  # noqa: ANN001, ANN201
+    with run_up(tmp_path) as running:
+        yield running
 
 
 def _descendants(pid: int) -> list[int]:
@@ -115,3 +127,46 @@ def test_up_restarts_a_dead_worker_and_keeps_serving(up) -> None:  # noqa: ANN00
         what="the worker to be restarted",
     )
     assert proc.poll() is None
+
+
+SECRETS = {"CHATSTREAM_API_KEYS": "sk-up-secret-key", "CHATSTREAM_ADMIN_KEY": "up-admin-secret",
+           "CHATSTREAM_SESSION_SECRET": "up-session-secret-0123456789"}
+
+
+def test_each_child_gets_only_the_secrets_it_uses(tmp_path) -> None:  # noqa: ANN001
+    with run_up(tmp_path, SECRETS) as (proc, url, _):
+        children = [psutil.Process(pid) for pid in _descendants(proc.pid)]
+        by_role: dict[str, list[dict[str, str]]] = {}
+        for child in children:
+            cmdline = " ".join(child.cmdline())
+            role = ("redis" if "redis-server" in cmdline else "gateway" if " gateway" in cmdline
+                    else "worker" if " worker" in cmdline else "other")
+            by_role.setdefault(role, []).append(child.environ())
+        assert len(by_role["worker"]) == 2 and len(by_role["gateway"]) == 1
+        assert len(by_role["redis"]) == 1
+        for env in by_role["worker"] + by_role["redis"]:
+            leaked = {k for k, v in env.items() if v in SECRETS.values()}
+            assert leaked == set(), leaked
+        gateway_env = by_role["gateway"][0]
+        assert {k: gateway_env.get(k) for k in SECRETS} == SECRETS
+        assert not any(k.startswith("CHATSTREAM_") for k in by_role["redis"][0])
+        # ...and the keys still protect the gateway.
+        assert httpx.get(url + "/v1/models", timeout=5).status_code == 401
+        headers = {"Authorization": "Bearer up-admin-secret"}
+        status = httpx.get(url + "/admin/status", headers=headers, timeout=5)
+        assert status.status_code == 200
+
+
+def test_the_embedded_redis_has_a_maxmemory_that_never_evicts(up) -> None:  # noqa: ANN001
+    proc, _url, _ = up
+    redis_proc = next(p for p in psutil.Process(proc.pid).children(recursive=True)
+                      if "redis-server" in " ".join(p.cmdline()))
+    port = next(c.laddr.port for c in redis_proc.net_connections("tcp")
+                if c.status == psutil.CONN_LISTEN)
+    client = syncredis.Redis(port=port)
+    try:
+        config = client.config_get("maxmemory*")
+        assert config["maxmemory"] == str(2 * 1024**3)
+        assert config["maxmemory-policy"] == "noeviction"
+    finally:
+        client.close()
