@@ -153,7 +153,11 @@ class Admission:
                 "job_id": permit_id, "semaphore": sem.name, "error": str(exc)})
 
     async def release(self, permit_id: str) -> None:
-        """Give the permit back (idempotent)."""
+        """Give the permit back (idempotent; nothing to do if it was never taken: a failed or
+        cancelled acquire has already left the semaphore, and a Redis that timed out there
+        must not cost the request a second timeout here)."""
+        if permit_id not in self.held:
+            return
         self.held.discard(permit_id)
         try:
             await self.semaphore.release(permit_id)

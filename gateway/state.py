@@ -27,6 +27,9 @@ from chatstream_cluster.shared.settings import GatewaySettings
 
 log = logging.getLogger("chatstream.gateway")
 
+# Waiting for a pooled connection in a burst is queueing, not an outage: allowed longer than
+# one command (--redis-timeout), which bounds how long a frozen Redis holds each connection.
+REDIS_POOL_WAIT_S = 5.0
 GATEWAY_HEARTBEAT_S = 1.0
 GATEWAY_TTL_S = 5.0
 
@@ -39,7 +42,8 @@ class GatewayState:
         self.keys = Keys(settings.key_prefix)
         self.gateway_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.started_ms = int(time.time() * 1000)
-        self.redis = make_redis(settings.redis_url, socket_timeout=settings.redis_timeout)
+        self.redis = make_redis(settings.redis_url, socket_timeout=settings.redis_timeout,
+                                pool_timeout=REDIS_POOL_WAIT_S)
         self.queue = JobQueue(self.redis, self.keys)
         self.registry = WorkerRegistry(self.redis, self.keys)
         self.gateways = GatewayRegistry(self.redis, self.keys)

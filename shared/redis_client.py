@@ -14,18 +14,20 @@ REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 def make_redis(
-    url: str, *, max_connections: int = 256, socket_timeout: float = 5.0
+    url: str, *, max_connections: int = 256, socket_timeout: float = 5.0,
+    pool_timeout: float | None = None,
 ) -> aioredis.Redis:
     """An asyncio client with bounded retries, so a Redis outage fails fast instead of hanging.
 
     Passwords and TLS come from the URL (`redis://:pw@host:6379/0`, `rediss://...`).
     """
     # A blocking pool: a burst of more than `max_connections` calls waits for a free
-    # connection (up to `socket_timeout`) instead of failing with "Too many connections".
+    # connection (up to `pool_timeout`, default `socket_timeout`) instead of failing with "Too
+    # many connections".
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
-        timeout=socket_timeout,
+        timeout=socket_timeout if pool_timeout is None else pool_timeout,
         socket_timeout=socket_timeout,
         socket_connect_timeout=1.0,
         health_check_interval=15,

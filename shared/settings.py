@@ -167,10 +167,10 @@ class GatewaySettings(CommonSettings):
         "The open-files limit is raised to fit at start-up (or this is lowered to fit it).",
     )
     redis_timeout: float = Field(
-        0.5, gt=0, le=60,
-        description="Seconds one Redis command (or the wait for a pooled connection) may take "
-        "before the request answers 503; a request makes at most three in a row when Redis "
-        "stops answering.",
+        0.8, gt=0, le=60,
+        description="Seconds one Redis command may take before the request answers 503; a "
+        "request waits for at most two in a row when Redis stops answering (a busy gateway's "
+        "event loop may delay a reply by a few hundred ms: keep this well above that).",
     )
     # --- what clients may store in Redis ---
     max_sessions_per_key: int = Field(

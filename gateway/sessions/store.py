@@ -184,7 +184,10 @@ class SessionStore:
         evicted = await self._claim(keys=[self._index(owner)],
                                     args=[sid, _now_ms(), self.ttl_ms, self.max_per_owner])
         if evicted:
-            await self.redis.delete(*(self.keys.session(v.decode()) for v in evicted))
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for sid_bytes in evicted:  # one key per command: fine on Redis Cluster too
+                    pipe.delete(self.keys.session(sid_bytes.decode()))
+                await pipe.execute()
             log.info("sessions evicted: per-key cap", extra={
                 "owner": owner or ANON_OWNER, "evicted": len(evicted),
                 "max_sessions_per_key": self.max_per_owner})
