@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,3 +170,19 @@ class Cluster:
                 proc.process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+@contextlib.contextmanager
+def mock_gateway(
+    redis_url: str, tmp_path: Path, worker: dict[str, Any] | None = None, **settings: Any
+) -> Iterator[Proc]:
+    """One gateway with `settings` and one mock worker (with `worker` settings) under a fresh
+    key prefix, ready to serve; both stopped afterwards. For a module's shared gateway."""
+    procs = Cluster(redis_url, "t" + uuid.uuid4().hex[:10], tmp_path)
+    try:
+        procs.start_worker("mock", **(worker or {}))
+        gateway = procs.start_gateway(**settings)
+        procs.wait_ready(gateway)
+        yield gateway
+    finally:
+        procs.stop()

@@ -11,7 +11,6 @@ declare no body schema, so their bodies are fuzzed here too, with hypothesis-gen
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,7 +23,7 @@ from schemathesis import GenerationMode
 
 from chatstream_cluster.gateway.app import create_app
 from chatstream_cluster.shared.settings import GatewaySettings
-from tests.cluster import Cluster
+from tests.cluster import mock_gateway
 
 API_KEY = "fuzz-api-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -51,15 +50,9 @@ OPERATIONS = [
 
 @pytest.fixture(scope="module")
 def gateway(redis_server, tmp_path_factory) -> Iterator[str]:  # noqa: ANN001
-    procs = Cluster(redis_server.url, "t" + uuid.uuid4().hex[:10],
-                    tmp_path_factory.mktemp("fuzz"))
-    try:
-        procs.start_worker("mock", max_batch=8)
-        gw = procs.start_gateway(**GATEWAY)
-        procs.wait_ready(gw)
+    with mock_gateway(redis_server.url, tmp_path_factory.mktemp("fuzz"), {"max_batch": 8},
+                      **GATEWAY) as gw:
         yield gw.url
-    finally:
-        procs.stop()
 
 
 @pytest.fixture(scope="module")

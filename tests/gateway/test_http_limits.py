@@ -15,14 +15,13 @@ import resource
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 
 import httpx
 import psutil
 import pytest
 
-from tests.cluster import Cluster, Proc, wait_until
+from tests.cluster import Proc, mock_gateway, wait_until
 
 API_KEY = "limits-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -37,15 +36,8 @@ MB = 1 << 20
 @pytest.fixture(scope="module")
 def gateway(redis_server, tmp_path_factory) -> Iterator[Proc]:  # noqa: ANN001
     """A keyed gateway with short timeouts and a mock worker, shared by this module."""
-    procs = Cluster(redis_server.url, "t" + uuid.uuid4().hex[:10],
-                    tmp_path_factory.mktemp("http-limits"))
-    try:
-        procs.start_worker("mock")
-        gw = procs.start_gateway(**LIMITS)
-        procs.wait_ready(gw)
+    with mock_gateway(redis_server.url, tmp_path_factory.mktemp("http-limits"), **LIMITS) as gw:
         yield gw
-    finally:
-        procs.stop()
 
 
 # --- helpers ------------------------------------------------------------------------------------

@@ -10,14 +10,13 @@ is the set of params: an unknown name there is a 400.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.cluster import Cluster
+from tests.cluster import mock_gateway
 
 CHAT = "/v1/chat/completions"
 LIMITS = {"max_body_bytes": 4096, "max_messages": 3, "max_message_chars": 50, "max_stop": 2,
@@ -29,15 +28,8 @@ BODY_ENDPOINTS = [CHAT, "/chat_stream", "/set_generation_params", "/set_feedback
 @pytest.fixture(scope="module")
 def gateway(redis_server, tmp_path_factory) -> Iterator[str]:  # noqa: ANN001
     """One gateway with small limits and a mock worker, shared by this module's tests."""
-    procs = Cluster(redis_server.url, "t" + uuid.uuid4().hex[:10],
-                    tmp_path_factory.mktemp("limits"))
-    try:
-        procs.start_worker("mock")
-        gw = procs.start_gateway(**LIMITS)
-        procs.wait_ready(gw)
+    with mock_gateway(redis_server.url, tmp_path_factory.mktemp("limits"), **LIMITS) as gw:
         yield gw.url
-    finally:
-        procs.stop()
 
 
 def body(**overrides: Any) -> dict[str, Any]:

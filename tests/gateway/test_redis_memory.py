@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import redis as syncredis
 from chatstream_cluster.gateway.sessions.history import HISTORY_CHAR_BUDGET
 from chatstream_cluster.shared.keys import Keys
 from chatstream_cluster.shared.redis_server import RedisServer
-from tests.cluster import Cluster
+from tests.cluster import mock_gateway
 
 MAX_SESSIONS = 20
 MAX_FEEDBACK = 50
@@ -34,16 +33,12 @@ MB = 1 << 20
 @pytest.fixture(scope="module")
 def env(redis_server, tmp_path_factory) -> Iterator[tuple[str, syncredis.Redis, Keys]]:  # noqa: ANN001
     """(gateway URL, a Redis client, the keys) of a gateway with small caps."""
-    prefix = "t" + uuid.uuid4().hex[:10]
-    procs = Cluster(redis_server.url, prefix, tmp_path_factory.mktemp("redis-memory"))
     client = syncredis.Redis.from_url(redis_server.url)
     try:
-        procs.start_worker("mock")
-        gw = procs.start_gateway(**SETTINGS)
-        procs.wait_ready(gw)
-        yield gw.url, client, Keys(prefix)
+        with mock_gateway(redis_server.url, tmp_path_factory.mktemp("redis-memory"),
+                          **SETTINGS) as gw:
+            yield gw.url, client, Keys(gw.settings["key_prefix"])
     finally:
-        procs.stop()
         client.close()
 
 
