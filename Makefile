@@ -28,11 +28,16 @@ $(STAMP): pyproject.toml
 up: $(STAMP)
 	$(BIN)/chatstream up $(ARGS)
 
+# scripts/install_test_deps.sh: Debian's chromium for the browser tests (apt-get, as root).
 test: $(STAMP)
+	sh scripts/install_test_deps.sh
 	$(BIN)/python -m pytest -q $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench $(ARGS)
+
+soak: $(STAMP)
+	$(BIN)/python -m bench --scenarios soak $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

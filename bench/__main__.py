@@ -1,6 +1,6 @@
 """`make bench`: run the benchmark scenarios, print a table, write JSON.
 
-Usage: python -m bench [--scenarios engine,e2e,relay,many] [--out bench/results/bench.json]
+Usage: python -m bench [--scenarios engine,e2e,relay,many,soak] [--out bench/results/bench.json]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import psutil
 
-SCENARIOS = ("engine", "e2e", "relay", "many")
+SCENARIOS = ("engine", "e2e", "relay", "many", "soak")
 
 
 def _run(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -35,6 +35,10 @@ def _run(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         from bench.relay import run_many_streams_bench
 
         return run_many_streams_bench()
+    if name == "soak":
+        from bench.soak import run_soak_bench
+
+        return run_soak_bench(seconds=args.soak_seconds)
     raise SystemExit(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}")
 
 
@@ -55,6 +59,8 @@ def main() -> None:
     parser.add_argument("--model", default="demo")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--out", default="bench/results/bench.json")
+    parser.add_argument("--soak-seconds", type=float, default=300,
+                        help="how long the soak scenario runs")
     args = parser.parse_args()
     report: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

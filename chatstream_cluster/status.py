@@ -15,11 +15,10 @@ import json
 import sys
 import time
 
-from redis.exceptions import RedisError
-
 from chatstream_cluster.shared.cluster_status import cluster_status
 from chatstream_cluster.shared.keys import Keys
-from chatstream_cluster.shared.redis_client import REDIS_ERRORS, make_redis, redact_url
+from chatstream_cluster.shared.redis_client import make_redis, redact_url
+from chatstream_cluster.shared.redis_errors import TRANSIENT_REDIS_ERRORS
 from chatstream_cluster.shared.settings import CommonSettings
 
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen: each --watch refresh starts with it
@@ -41,11 +40,23 @@ def render_table(status: dict) -> str:
             f"{w['id'][:28]:<28} {w['pid']:>7} {w['host'][:16]:<16} {w['model'][:12]:<12} "
             f"{w['device'][:8]:<8} {w['running']:>4} {w['max_batch']:>4} "
             f"{w['tokens_per_s']:>8} {w['last_heartbeat_s']:>6}  "
-            + ("draining" if w.get("draining") else "serving")
+            + w.get("state", "draining" if w.get("draining") else "serving")
         )
     if not status["workers"]:
         lines.append("(no live worker)")
+    if "last_minute" in status:
+        lines[1:1] = [render_last_minute(status["last_minute"])]
     return "\n".join(lines)
+
+
+def render_last_minute(m: dict) -> str:
+    """One line: the cluster's last-minute tokens/s, TTFT percentiles and rejections."""
+    def secs(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3g}s"
+
+    rejected = " ".join(f"{k} {v}" for k, v in m["rejected"].items()) or "none"
+    return (f"last minute (cluster): {m['tokens_per_s']:g} tok/s   TTFT p50 "
+            f"{secs(m['ttft_p50_s'])} p99 {secs(m['ttft_p99_s'])}   rejected: {rejected}")
 
 
 async def _run(settings: CommonSettings, args: argparse.Namespace) -> int:
@@ -59,7 +70,7 @@ async def _run(settings: CommonSettings, args: argparse.Namespace) -> int:
                     text = json.dumps(status, indent=None if args.watch else 2)
                 else:
                     text = render_table(status)
-            except (*REDIS_ERRORS, RedisError) as exc:
+            except TRANSIENT_REDIS_ERRORS as exc:
                 if not args.watch:
                     raise
                 error = f"cannot reach Redis at {redact_url(settings.redis_url)}: {exc}"
@@ -87,7 +98,7 @@ def main(settings: CommonSettings, args: argparse.Namespace) -> int:
         return asyncio.run(_run(settings, args))
     except KeyboardInterrupt:
         return 0
-    except (*REDIS_ERRORS, RedisError) as exc:
+    except TRANSIENT_REDIS_ERRORS as exc:
         print(
             f"error: cannot reach Redis at {redact_url(settings.redis_url)}: {exc}", file=sys.stderr
         )

@@ -214,6 +214,10 @@ def main(settings: UpSettings) -> int:
         url = cluster.start()
         if not cluster.stopping.is_set():
             print(f"ChatStream Cluster is up: {url}", flush=True)
+            pages = [f"{name}: {url}{path}" for name, path, on in (
+                ("chat", "/", settings.ui), ("ops", "/admin", settings.ops_page)) if on]
+            if pages:
+                print("  " + "   ".join(pages), flush=True)
             print(
                 f"  OpenAI API: {url}/v1/chat/completions   status: {url}/admin/status", flush=True
             )

@@ -7,7 +7,14 @@ most `--max-queue` requests: a full line answers 429 with Retry-After at once; a
 waits past `--queue-timeout` gets 503 `queue_timeout`; a client that disconnects while waiting
 leaves the line at once (the request's task is cancelled and the semaphore's cancel path
 releases). This process refreshes the leases of the permits it holds every
-`--permit-lease` / 3 seconds; if it dies, they expire within the lease.
+`--permit-lease` / 3 seconds; if it dies, they expire within the lease. A permit the refresh
+finds gone (its lease ran out: Redis or this process stalled for longer than the lease) has
+lapsed: it is taken again if the cap allows, else its stream ends with `permit_lapsed`, so
+the cluster never runs more than its cap (`chatstream_permits_lapsed_total{outcome}`).
+
+Several connections of this gateway may relay one job (a resume takes over from a connection
+that has not noticed yet): the permit is refreshed while any of them holds it; the one that
+ends the job releases it; the others only `disown` it.
 
 Extra permits: the optional cap per API key (`--max-concurrent-per-key`) is a semaphore of its
 own per key (`key-<sha256(key)[:16]>`) with no waiting line. A generation takes it before the
@@ -19,17 +26,15 @@ released like the global permit. `Admission.extra_permits()` builds the list for
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from redis.exceptions import RedisError
-
 from chatstream_cluster.gateway.errors import APIError
-from chatstream_cluster.gateway.metrics import REJECTED
+from chatstream_cluster.gateway.metrics import PERMITS_LAPSED, REJECTED
 from chatstream_cluster.gateway.workers import WorkerCache
 from chatstream_cluster.shared.keys import Keys
-from chatstream_cluster.shared.redis_client import REDIS_ERRORS, reraise_if_cancelling
+from chatstream_cluster.shared.redis_errors import TRANSIENT_REDIS_ERRORS, reraise_if_cancelling
 from chatstream_cluster.shared.semaphore import RedisSemaphore, SemaphoreTimeout
 from chatstream_cluster.shared.settings import GatewaySettings
 
@@ -57,9 +62,9 @@ class Admission:
         self.keys = keys
         self.settings = settings
         self.workers = workers
-        self.held: set[str] = set()
+        self.held: dict[str, int] = {}  # permit id -> connections of this process holding it
+        self._lapse_handlers: dict[str, list[Callable[[], None]]] = {}
         self.extra_held: dict[tuple[str, str], RedisSemaphore] = {}  # (name, permit id)
-        self._task: asyncio.Task | None = None
 
     def extra_permits(self, api_key_id: str | None) -> list[ExtraPermit]:
         """The caps a request must fit under besides the cluster's: its API key's, if capped.
@@ -76,21 +81,23 @@ class Admission:
         """The cluster-wide cap in force now."""
         return self.settings.max_concurrent or self.workers.capacity
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._refresh_loop(), name="permit-refresh")
+    def on_lapse(self, permit_id: str, handler: Callable[[], None]) -> None:
+        """Call `handler` if the permit lapses and cannot be taken again."""
+        self._lapse_handlers.setdefault(permit_id, []).append(handler)
 
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+    def forget_lapse(self, permit_id: str, handler: Callable[[], None]) -> None:
+        handlers = self._lapse_handlers.get(permit_id, [])
+        if handler in handlers:
+            handlers.remove(handler)
+        if not handlers:
+            self._lapse_handlers.pop(permit_id, None)
 
     async def acquire(self, permit_id: str) -> None:
         """Wait for a permit; raises APIError 429 (line full) or 503 (waited too long).
 
         Cancellation (client gone) leaves the line at once.
         """
-        self.held.add(permit_id)  # refreshed from now on, released in every path
+        self.held[permit_id] = self.held.get(permit_id, 0) + 1  # refreshed from now on
         try:
             result = await self.semaphore.acquire(
                 permit_id,
@@ -99,7 +106,7 @@ class Admission:
                 self.settings.queue_timeout,
             )
         except SemaphoreTimeout:
-            self.held.discard(permit_id)
+            self.disown(permit_id)
             REJECTED.labels(reason="queue_timeout").inc()
             log.info("queue timeout", extra={"job_id": permit_id})
             raise APIError(
@@ -110,10 +117,10 @@ class Admission:
                 headers={"Retry-After": "5"},
             ) from None
         except BaseException:
-            self.held.discard(permit_id)
+            self.disown(permit_id)
             raise
         if result.rejected:
-            self.held.discard(permit_id)
+            self.disown(permit_id)
             REJECTED.labels(reason="queue_full").inc()
             log.info("queue full: rejected", extra={"job_id": permit_id})
             raise APIError(
@@ -148,37 +155,75 @@ class Admission:
             return
         try:
             await sem.release(permit_id)
-        except (*REDIS_ERRORS, RedisError) as exc:
+        except TRANSIENT_REDIS_ERRORS as exc:
             log.warning("permit release failed; its lease will expire", extra={
                 "job_id": permit_id, "semaphore": sem.name, "error": str(exc)})
 
+    def disown(self, permit_id: str) -> None:
+        """One connection of this process stops holding the permit; it is not released (the
+        connection that relays the job now will). The last one stops refreshing it."""
+        count = self.held.get(permit_id, 0) - 1
+        if count > 0:
+            self.held[permit_id] = count
+        else:
+            self.held.pop(permit_id, None)
+
     async def release(self, permit_id: str) -> None:
-        """Give the permit back (idempotent; nothing to do if it was never taken: a failed or
-        cancelled acquire has already left the semaphore, and a Redis that timed out there
-        must not cost the request a second timeout here)."""
-        if permit_id not in self.held:
-            return
-        self.held.discard(permit_id)
+        """Give the permit back: its job ended here (idempotent)."""
+        self.held.pop(permit_id, None)
         try:
             await self.semaphore.release(permit_id)
-        except (*REDIS_ERRORS, RedisError) as exc:
+        except TRANSIENT_REDIS_ERRORS as exc:
             log.warning("permit release failed; its lease will expire", extra={
                 "job_id": permit_id, "error": str(exc)})
 
-    async def _refresh_loop(self) -> None:
+    async def refresh_loop(self) -> None:
+        """Keep this process's permits alive (supervised by the gateway state)."""
         interval = self.settings.permit_lease / 3
         while True:
             await asyncio.sleep(interval)
-            batches: list[tuple[RedisSemaphore, list[str]]] = []
-            if self.held:
-                batches.append((self.semaphore, list(self.held)))
-            extra: dict[str, tuple[RedisSemaphore, list[str]]] = {}
-            for (name, permit_id), sem in list(self.extra_held.items()):
-                extra.setdefault(name, (sem, []))[1].append(permit_id)
-            batches.extend(extra.values())
-            for sem, ids in batches:
-                try:
-                    await sem.refresh(ids)
-                except (*REDIS_ERRORS, RedisError) as exc:
-                    reraise_if_cancelling()
-                    log.warning("permit refresh failed", extra={"error": str(exc)})
+            await self.refresh_once()
+
+    async def refresh_once(self) -> None:
+        """Extend every held permit's lease; handle the ones that lapsed."""
+        batches: list[tuple[RedisSemaphore, list[str]]] = []
+        if self.held:
+            batches.append((self.semaphore, list(self.held)))
+        extra: dict[str, tuple[RedisSemaphore, list[str]]] = {}
+        for (name, permit_id), sem in list(self.extra_held.items()):
+            extra.setdefault(name, (sem, []))[1].append(permit_id)
+        batches.extend(extra.values())
+        for sem, ids in batches:
+            try:
+                lapsed = await sem.refresh(ids)
+            except TRANSIENT_REDIS_ERRORS as exc:
+                reraise_if_cancelling()
+                log.warning("permit refresh failed", extra={"error": str(exc)})
+                continue
+            for permit_id in lapsed:
+                await self._lapsed(sem, permit_id)
+
+    async def _lapsed(self, sem: RedisSemaphore, permit_id: str) -> None:
+        """A permit this process holds was found gone: take it again within the cap, or end
+        the streams that need it."""
+        is_global = sem is self.semaphore
+        if is_global and permit_id not in self.held:
+            return  # released meanwhile
+        capacity = self.capacity() if is_global else self._extra_capacity(sem)
+        result = await sem.try_acquire(permit_id, capacity, 0)
+        if result.acquired:
+            PERMITS_LAPSED.labels(outcome="retaken").inc()
+            log.warning("permit lapsed and was taken again", extra={"job_id": permit_id})
+            return
+        PERMITS_LAPSED.labels(outcome="ended").inc()
+        log.warning("permit lapsed and the cap is full: ending its stream",
+                    extra={"job_id": permit_id, "semaphore": sem.name})
+        if is_global:
+            self.held.pop(permit_id, None)
+            for handler in self._lapse_handlers.pop(permit_id, []):
+                handler()
+        else:
+            self.extra_held.pop((sem.name, permit_id), None)
+
+    def _extra_capacity(self, sem: RedisSemaphore) -> int:
+        return self.settings.max_concurrent_per_key if sem.name.startswith("key-") else 0

@@ -3,7 +3,9 @@
 `AuthMiddleware` is a pure ASGI middleware (BaseHTTPMiddleware would break the streaming
 responses' disconnect detection). It sorts every request by its path, before any body is read:
 
-- open: `/healthz`, `/readyz` (probes) and the API docs (`/openapi.json`, `/docs`, `/redoc`).
+- open: `/healthz`, `/readyz` (probes), the API docs (`/openapi.json`, `/docs`, `/redoc`) and
+  the browser pages, which hold no figure and no secret (`/`, `/chatstream.js`, `/ui/*`, and
+  the ops page's shell `/admin`: its figures come from `/admin/status` and `/admin/history`).
 - admin: `/admin/*` and `/metrics`. With `--admin-key`: `Authorization: Bearer <admin key>`,
   else 401. Without an admin key: clients on a loopback address only, and only when the request
   carries no proxy header (a proxy on the same host may be relaying anyone); others get 403.
@@ -34,8 +36,11 @@ log = logging.getLogger("chatstream.gateway")
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect",
                         "/redoc"})
+#: The browser pages (gateway/routes/ui.py): static files, no data.
+PAGE_PATHS = frozenset({"/", "/chatstream.js", "/admin"})
+PAGE_ASSETS_PREFIX = "/ui/"
 ADMIN_PREFIX = "/admin/"
-ADMIN_PATHS = frozenset({"/admin", "/metrics"})
+ADMIN_PATHS = frozenset({"/metrics"})
 #: Headers a reverse proxy adds: a request with one did not come from this host's own client.
 PROXY_HEADERS = (b"x-forwarded-for", b"forwarded", b"x-real-ip")
 API_KEY_ID_STATE = "api_key_id"
@@ -46,7 +51,7 @@ OPEN, ADMIN, API = "open", "admin", "api"
 def classify(path: str) -> str:
     """`open`, `admin` or `api`: which rule applies to a request path."""
     trimmed = path.rstrip("/") or "/"
-    if trimmed in OPEN_PATHS:
+    if trimmed in OPEN_PATHS or trimmed in PAGE_PATHS or path.startswith(PAGE_ASSETS_PREFIX):
         return OPEN
     if trimmed in ADMIN_PATHS or path.startswith(ADMIN_PREFIX):
         return ADMIN

@@ -115,32 +115,38 @@ class Dispatcher:
         self._pool = aioredis.ConnectionPool.from_url(
             redis_url, socket_timeout=None, socket_connect_timeout=CONNECT_TIMEOUT_S
         )
-        self._task: asyncio.Task | None = None
         self._last_read = 0.0
 
-    async def start(self, timeout: float = 10.0) -> None:
-        """Subscribe and wait for the confirmation; then route messages in the background."""
-        self._task = asyncio.create_task(self._run(), name="dispatcher")
-        await asyncio.wait_for(self.connected.wait(), timeout)
+    async def wait_connected(self, timeout: float) -> bool:
+        """True once subscribed (confirmed); False after `timeout` seconds without."""
+        if self.connected.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self.connected.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        """Close the connection pool (`run` is cancelled by its supervisor first)."""
         await self._pool.aclose()
 
     def register(self, job_id: str) -> JobInbox:
+        """Route the job's events to a new inbox (a later registration of the same job — a
+        resume on this gateway — takes them over)."""
         inbox = JobInbox()
         self.inboxes[job_id] = inbox
         return inbox
 
-    def unregister(self, job_id: str) -> None:
-        inbox = self.inboxes.pop(job_id, None)
-        if inbox is not None:
-            inbox.close()
+    def unregister(self, job_id: str, inbox: JobInbox) -> None:
+        """Stop routing to `inbox` (if the job's events still go there)."""
+        if self.inboxes.get(job_id) is inbox:
+            del self.inboxes[job_id]
+        inbox.close()
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
+        """Subscribe, route, and on any connection loss subscribe again (with backoff) and
+        tell every inbox to repair; forever (a supervised task)."""
         delay = 0.1
         subscribed_before = False
         while True:

@@ -12,10 +12,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
-from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from chatstream_cluster.shared.redis_client import REDIS_ERRORS
+from chatstream_cluster.shared.redis_errors import is_transient
 
 log = logging.getLogger("chatstream.gateway")
 
@@ -30,8 +29,8 @@ _TYPES = {
     413: "invalid_request_error",
     414: "invalid_request_error",
     415: "invalid_request_error",
-    431: "invalid_request_error",
     429: "rate_limit_error",
+    431: "invalid_request_error",
     503: "service_unavailable",
 }
 
@@ -107,10 +106,11 @@ def as_api_error(exc: Exception, *, log_unexpected: bool = True) -> APIError:
         return exc
     if isinstance(exc, ValidationError | RequestValidationError):
         return validation_error(list(exc.errors()))
-    if isinstance(exc, (*REDIS_ERRORS, RedisError)):
+    if is_transient(exc):
+        log.warning("redis unavailable", extra={"error": str(exc)})
         return redis_unavailable()
     if log_unexpected:
-        log.exception("unexpected error")
+        log.error("unexpected error", exc_info=exc)
     return APIError(500, "internal error", code="internal_error")
 
 
@@ -139,18 +139,7 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         return APIError(exc.status_code, message, headers=dict(exc.headers or {})).response()
 
-    @app.exception_handler(RedisError)
-    async def _redis(_: Request, exc: RedisError) -> JSONResponse:
-        log.warning("redis error", extra={"error": str(exc)})
-        return redis_unavailable().response()
-
-    for exc_type in REDIS_ERRORS:
-        if exc_type is not OSError:
-            app.add_exception_handler(exc_type, _redis)
-
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        if isinstance(exc, OSError):
-            return redis_unavailable().response()
-        log.exception("unexpected error")
-        return APIError(500, "internal error", code="internal_error").response()
+        """Transient Redis errors are a 503; anything else is a bug: a logged 500."""
+        return as_api_error(exc).response()

@@ -17,23 +17,18 @@ from chatstream_cluster.shared.schemas import TokenEvent
 class EventOrder:
     """Sequence-ordered, duplicate-free events of one job, from `next_seq` on."""
 
-    __slots__ = ("next_seq", "_held", "_ready", "_stale_cancel_upto")
+    __slots__ = ("next_seq", "_held", "_ready")
 
-    def __init__(self, next_seq: int = 1, stale_cancel_upto: int = 0) -> None:
+    def __init__(self, next_seq: int = 1) -> None:
         self.next_seq = next_seq
         self._held: dict[int, TokenEvent] = {}
         self._ready: deque[TokenEvent] = deque()
-        # A resumed job's stored events up to this seq may end in the "cancelled" of the attempt
-        # the resume replaces: such an event is relayed as a plain text event.
-        self._stale_cancel_upto = stale_cancel_upto
 
     def take(self, event: TokenEvent) -> None:
         """Add an event from either source; duplicates and already relayed ones are ignored."""
         seq = event.seq
         if seq < self.next_seq or seq in self._held:
             return
-        if event.finish_reason == "cancelled" and seq <= self._stale_cancel_upto:
-            event = event.model_copy(update={"finish_reason": None, "usage": None})
         self._held[seq] = event
         while self.next_seq in self._held:
             self._ready.append(self._held.pop(self.next_seq))

@@ -21,49 +21,34 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from pydantic import ValidationError
-from redis.exceptions import RedisError
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from chatstream_cluster.gateway.chatstream.api import ChatStreamAPI
+from chatstream_cluster.gateway.chatstream.chat import MESSAGE_ID_HEADER
+from chatstream_cluster.gateway.chatstream.constructor import from_chatstream_arguments
+from chatstream_cluster.gateway.chatstream.roles import DEV_TOOL_HEADER, ClientRoles
 from chatstream_cluster.gateway.disconnect import ClientDisconnected
-from chatstream_cluster.gateway.errors import APIError, as_api_error, redis_unavailable
+from chatstream_cluster.gateway.errors import APIError, as_api_error
 from chatstream_cluster.gateway.feedback import FeedbackHook
 from chatstream_cluster.gateway.routes import openai as openai_routes
 from chatstream_cluster.gateway.routes.chatstream import ENDPOINTS
+from chatstream_cluster.gateway.routes.ui import (
+    CHATSTREAM_UI_NAMES,
+    ChatPageOptions,
+    chat_page_router,
+    chatstream_ui_selected,
+)
 from chatstream_cluster.gateway.sessions.history import HISTORY_CHAR_BUDGET
 from chatstream_cluster.gateway.state import GatewayState
-from chatstream_cluster.shared.redis_client import REDIS_ERRORS
+from chatstream_cluster.shared.redis_errors import TRANSIENT_REDIS_ERRORS
 from chatstream_cluster.shared.settings import DEFAULT_SESSION_SECRET, GatewaySettings
 
 log = logging.getLogger("chatstream.gateway")
+START_WAIT_S = 5.0  # how long the first use waits for the cluster's Redis
 
-# ChatStream's web UI routes; the cluster does not serve a UI yet.
-_UI_NAMES = {"webui_index", "web_ui_js"}
-
-
-# ChatStream's constructor arguments -> ours.
-_RENAMED = {"num_of_concurrent_executions": "max_concurrent", "max_queue_size": "max_queue",
-            "max_new_tokens": "default_max_tokens"}
-_PARAMS = {"temperature": "temperature", "top_k": "top_k_value", "top_p": "top_p_value"}
-_IGNORED = {"too_many_request_as_http_error", "name", "logger", "locale"}  # always 429 here
-_IN_WORKERS = {"model", "tokenizer", "device", "num_gpus", "chat_prompt_clazz", "context_len",
-               "use_mock_response", "mock_params", "add_special_tokens", "repetition_penalty",
-               "repetition_penalty_method", "request_handler", "client_roles"}
-
-
-def _from_chatstream_arguments(given: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(settings overrides, default generation params) from keyword arguments."""
-    moved = sorted(set(given) & _IN_WORKERS)
-    if moved:
-        raise TypeError(f"{', '.join(moved)}: the model runs in the cluster's workers; start "
-                        "them with `chatstream worker --model ... --device ...`")
-    overrides = {_RENAMED.get(k, k): v for k, v in given.items()
-                 if k not in _IGNORED and k not in _PARAMS}
-    params = {_PARAMS[k]: v for k, v in given.items() if k in _PARAMS}
-    unknown = sorted(set(overrides) - set(GatewaySettings.model_fields))
-    if unknown:
-        raise TypeError(f"unknown settings {unknown}; see GatewaySettings for the known ones")
-    return overrides, params
+# ChatStream's web UI routes (its API names), served by gateway/routes/ui.py.
+_UI_NAMES = {"webui_index", "webui_js"}
 
 
 class ChatStreamCluster(ChatStreamAPI):
@@ -73,8 +58,11 @@ class ChatStreamCluster(ChatStreamAPI):
     `redis_url`, `session_secret`, `max_queue`), then `CHATSTREAM_*` environment variables.
     ChatStream's own arguments keep working: `num_of_concurrent_executions` (cluster-wide
     here), `max_queue_size`, `max_new_tokens`, and `temperature`/`top_k`/`top_p` (the default
-    generation params). `system_prompt` opens every conversation; `on_feedback(request,
-    feedback)` (sync or async) receives each /set_feedback.
+    generation params); `client_roles` (ChatStream's role definition, enforced on every
+    endpoint; or the setting `client_roles_file`) and `request_handler` (a `RequestHandler`:
+    where the history lives). `system_prompt` opens every conversation; `on_feedback(request,
+    feedback)` (sync or async) receives each /set_feedback. ChatStream's other arguments:
+    gateway/chatstream/constructor.py.
     """
 
     def __init__(
@@ -84,15 +72,23 @@ class ChatStreamCluster(ChatStreamAPI):
         system_prompt: str = "",
         on_feedback: FeedbackHook | None = None,
         history_chars: int = HISTORY_CHAR_BUDGET,
+        client_roles: dict[str, Any] | None = None,
+        request_handler: Any = None,
         **overrides: Any,
     ) -> None:
-        overrides, params = _from_chatstream_arguments(overrides)
-        super().__init__(system_prompt=system_prompt, on_feedback=on_feedback,
-                         history_chars=history_chars, default_params=params)
+        overrides, params = from_chatstream_arguments(overrides)
         if settings is None:
             settings = GatewaySettings(**overrides)
         elif overrides:
             settings = GatewaySettings(**{**settings.model_dump(), **overrides})
+        if client_roles is not None and settings.client_roles_file:
+            raise TypeError("give client_roles or client_roles_file, not both")
+        roles = client_roles
+        if roles is None and settings.client_roles_file:
+            roles = ClientRoles.from_file(settings.client_roles_file)
+        super().__init__(system_prompt=system_prompt, on_feedback=on_feedback,
+                         history_chars=history_chars, default_params=params,
+                         client_roles=roles, request_handler=request_handler)
         if settings.session_secret == DEFAULT_SESSION_SECRET:
             log.warning("ChatStreamCluster uses the default session secret: anyone can forge "
                         "session cookies; pass session_secret=... (or CHATSTREAM_SESSION_SECRET)")
@@ -118,14 +114,15 @@ class ChatStreamCluster(ChatStreamAPI):
             return self._state
 
     async def _start_state(self) -> GatewayState:
+        """Start the connection to the cluster (background tasks that reconnect by themselves;
+        requests answer 503 while Redis is unreachable)."""
         state = GatewayState(self.settings)
-        try:
-            await state.start()
-        except (TimeoutError, *REDIS_ERRORS, RedisError) as exc:
-            log.warning("cannot reach the cluster's Redis", extra={"error": str(exc)})
-            await state.stop()
-            raise redis_unavailable() from None
-        log.info("ChatStreamCluster connected", extra={"gateway_id": state.gateway_id})
+        await state.start()
+        if await state.dispatcher.wait_connected(START_WAIT_S):
+            log.info("ChatStreamCluster connected", extra={"gateway_id": state.gateway_id})
+        else:
+            log.warning("cannot reach the cluster's Redis yet; retrying in the background",
+                        extra={"gateway_id": state.gateway_id})
         return state
 
     async def start(self) -> None:
@@ -155,22 +152,36 @@ class ChatStreamCluster(ChatStreamAPI):
     def append_apis(self, app: FastAPI, opts: dict[str, Any] | None = None, *,
                     openai: bool = False) -> None:
         """Mount the ChatStream endpoints (ChatStream's `opts`: `{"all": True}`,
-        `{"include": [...]}` or `{"exclude": [...]}`; None = all), and with `openai=True`
-        the OpenAI-compatible `/v1` routes. The app's shutdown then closes this object."""
+        `{"include": [...]}` or `{"exclude": [...]}`; None = all), with ChatStream's web UI
+        (`webui_index`, `webui_js`: the chat page at `/`, configured by
+        `opts["web_ui_params"]`, see `ChatPageOptions.from_web_ui_params`), and with
+        `openai=True` the OpenAI-compatible `/v1` routes. The app's shutdown then closes this
+        object."""
         app.state.chatstream = self
         for name in self._selected(opts):
             method, path, endpoint = ENDPOINTS[name]
             app.add_api_route(path, endpoint, methods=[method], tags=["chatstream"])
+        if chatstream_ui_selected(opts):
+            page = ChatPageOptions.from_web_ui_params((opts or {}).get("web_ui_params"))
+            app.include_router(chat_page_router(page))
         if openai:
             app.include_router(openai_routes.router, dependencies=[Depends(self._bind_state)])
-            redis_errors = [e for e in REDIS_ERRORS if e is not OSError]
-            for exc_type in (APIError, ValidationError, RedisError, *redis_errors):
+            for exc_type in (APIError, ValidationError, *TRANSIENT_REDIS_ERRORS):
                 app.exception_handlers.setdefault(exc_type, _openai_error)
             app.exception_handlers.setdefault(ClientDisconnected, _client_gone)
         self._close_on_shutdown(app)
 
     def append_middlewares(self, app: FastAPI, opts: dict[str, Any] | None = None) -> None:
-        """ChatStream's session middleware is not needed: sessions are built in (a no-op)."""
+        """Sessions and roles are built in, so of ChatStream's middlewares only CORS is left:
+        with `opts={"cors": {"allow_origins": [...]}}` it adds Starlette's CORSMiddleware as
+        ChatStream did (credentials allowed, ChatStream's headers exposed); else a no-op."""
+        cors = (opts or {}).get("cors")
+        if cors is not None:
+            app.add_middleware(
+                CORSMiddleware, allow_origins=cors.get("allow_origins", ["*"]),
+                allow_credentials=True, allow_methods=["*"], allow_headers=["*"],
+                expose_headers=[DEV_TOOL_HEADER, MESSAGE_ID_HEADER],
+            )
 
     @staticmethod
     def _selected(opts: dict[str, Any] | None) -> list[str]:
@@ -180,11 +191,9 @@ class ChatStreamCluster(ChatStreamAPI):
         if len(given) > 1:
             raise ValueError(f"give only one of include, exclude, all; got {given}")
         names = set(opts.get("include") or []) | set(opts.get("exclude") or [])
-        unknown = names - set(ENDPOINTS) - _UI_NAMES
+        unknown = names - set(ENDPOINTS) - CHATSTREAM_UI_NAMES
         if unknown:
             raise ValueError(f"unknown API names {sorted(unknown)}; known: {list(ENDPOINTS)}")
-        if names & _UI_NAMES:
-            log.warning("the ChatStream web UI is not served by ChatStream Cluster yet")
         if "include" in opts:
             return [n for n in ENDPOINTS if n in names]
         if "exclude" in opts:

@@ -44,6 +44,14 @@ def server_options(settings: GatewaySettings, max_connections: int) -> dict[str,
     }
 
 
+class _UnfinishedStreamFilter(logging.Filter):
+    """uvicorn reports a response left unfinished as an error; for a stream that did not end
+    normally that is deliberate (gateway/streaming.py logs it with its job id)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "returned without completing response" not in record.getMessage()
+
+
 class GatewayServer(uvicorn.Server):
     """uvicorn's server, leaving gracefully on SIGTERM/SIGINT and exiting 0 afterwards.
 
@@ -108,6 +116,7 @@ def main(settings: GatewaySettings) -> int:
     """Run one gateway process until SIGTERM/SIGINT (then `--shutdown-grace` not ready, then
     open streams get `--drain-timeout`)."""
     setup_logging(settings.log_level, settings.log_format, component="gateway")
+    logging.getLogger("uvicorn.error").addFilter(_UnfinishedStreamFilter())
     check_startup(settings)  # exits 2, before binding, on an unsafe configuration
     config = uvicorn.Config(
         create_app(settings),

@@ -13,6 +13,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from chatstream_cluster.shared.ops_stats import REJECT_REASONS
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 QUEUE_DEPTH = Gauge(
@@ -28,7 +30,25 @@ CAPACITY = Gauge(
     registry=REGISTRY,
 )
 WORKERS = Gauge("chatstream_workers", "Live workers.", ["scope"], registry=REGISTRY)
-CLUSTER_GAUGES = (QUEUE_DEPTH, RUNNING, CAPACITY, WORKERS)
+# The last minute, summed over every gateway through Redis (shared/ops_stats.py): the figures
+# of /admin/status's `last_minute` and of the ops page.
+LAST_MINUTE_TOKENS = Gauge(
+    "chatstream_last_minute_tokens_per_second",
+    "Completion tokens per second relayed over the last minute, cluster-wide.", ["scope"],
+    registry=REGISTRY,
+)
+LAST_MINUTE_TTFT = Gauge(
+    "chatstream_last_minute_ttft_seconds",
+    "Time to first token over the last minute, cluster-wide, by quantile (0.5, 0.99); absent "
+    "without samples.", ["scope", "quantile"], registry=REGISTRY,
+)
+LAST_MINUTE_REJECTED = Gauge(
+    "chatstream_last_minute_rejected",
+    "Requests refused by admission over the last minute, cluster-wide, by reason.",
+    ["scope", "reason"], registry=REGISTRY,
+)
+CLUSTER_GAUGES = (QUEUE_DEPTH, RUNNING, CAPACITY, WORKERS, LAST_MINUTE_TOKENS, LAST_MINUTE_TTFT,
+                  LAST_MINUTE_REJECTED)
 
 REJECTED = Counter(
     "chatstream_rejected_total", "Requests refused by admission, by reason.", ["reason"],
@@ -47,6 +67,35 @@ TOKENS = Counter(
 OPEN_STREAMS = Gauge(
     "chatstream_open_streams", "Streams this gateway is relaying now.", registry=REGISTRY
 )
+TRUNCATED = Counter(
+    "chatstream_streams_truncated_total",
+    "Streams that began and did not end normally (stop/length), by reason: "
+    "client_disconnected, or the error code the client got (no_worker, redis_unavailable, "
+    "stream_resumed_elsewhere, permit_lapsed, a worker's error code, ...).",
+    ["reason"], registry=REGISTRY,
+)
+RESUMES = Counter(
+    "chatstream_resumes_total",
+    "Resumes (Last-Event-ID) by outcome: attached (running), requeued (parked, continued), "
+    "replayed (finished), requeued_live (parked under a live client), expired, not_found.",
+    ["outcome"], registry=REGISTRY,
+)
+PERMITS_LAPSED = Counter(
+    "chatstream_permits_lapsed_total",
+    "Permits found gone at refresh: retaken within the cap, or ended (their stream got "
+    "permit_lapsed).", ["outcome"], registry=REGISTRY,
+)
+TASK_FAILURES = Counter(
+    "chatstream_background_task_failures_total",
+    "Crashes of this process's supervised background tasks (each restarted with backoff).",
+    ["task"], registry=REGISTRY,
+)
+for _reason in REJECT_REASONS:
+    REJECTED.labels(reason=_reason)
+for _reason in ("client_disconnected", "no_worker", "redis_unavailable"):
+    TRUNCATED.labels(reason=_reason)
+for _outcome in ("attached", "requeued", "replayed", "expired", "not_found"):
+    RESUMES.labels(outcome=_outcome)
 HTTP_REFUSED = Counter(
     "chatstream_http_refused_total",
     "Connections the HTTP layer answered itself and closed, by reason (gateway/http_limits.py).",
@@ -61,8 +110,6 @@ REDIS_MAXMEMORY = Gauge(
     registry=REGISTRY,
 )
 REDIS_GAUGES = (REDIS_USED_MEMORY, REDIS_MAXMEMORY)
-for _reason in ("queue_full", "queue_timeout", "per_key_limit"):
-    REJECTED.labels(reason=_reason)
 for _reason in ("headers_too_large", "header_too_large", "url_too_long", "header_timeout",
                 "body_timeout", "too_many_connections", "invalid_http"):
     HTTP_REFUSED.labels(reason=_reason)
@@ -74,6 +121,16 @@ def set_cluster_gauges(status: dict[str, Any]) -> None:
     RUNNING.labels(scope="cluster").set(status["running"])
     CAPACITY.labels(scope="cluster").set(status["capacity"])
     WORKERS.labels(scope="cluster").set(len(status["workers"]))
+    minute = status.get("last_minute")
+    if minute is None:
+        return
+    LAST_MINUTE_TOKENS.labels(scope="cluster").set(minute["tokens_per_s"])
+    LAST_MINUTE_TTFT.clear()
+    for quantile, key in (("0.5", "ttft_p50_s"), ("0.99", "ttft_p99_s")):
+        if minute[key] is not None:
+            LAST_MINUTE_TTFT.labels(scope="cluster", quantile=quantile).set(minute[key])
+    for reason, count in minute["rejected"].items():
+        LAST_MINUTE_REJECTED.labels(scope="cluster", reason=reason).set(count)
 
 
 def set_redis_memory(info: dict[str, Any]) -> None:

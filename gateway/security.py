@@ -20,6 +20,7 @@ import redis
 from redis.exceptions import AuthenticationError, RedisError
 
 from chatstream_cluster.gateway.auth import is_loopback
+from chatstream_cluster.gateway.chatstream.roles import ClientRoles
 from chatstream_cluster.shared.redis_client import redact_url
 from chatstream_cluster.shared.settings import DEFAULT_SESSION_SECRET, GatewaySettings
 
@@ -32,6 +33,11 @@ def startup_error(settings: GatewaySettings) -> str | None:
     """Why the gateway must not start with these settings, or None."""
     if any(not key.strip() for key in settings.api_keys):
         return "an --api-key is empty (an unset variable?); give every key a value"
+    if settings.client_roles_file:
+        try:
+            ClientRoles.from_file(settings.client_roles_file)
+        except ValueError as exc:
+            return f"--client-roles-file: {exc}"
     if is_loopback(settings.host):
         return None
     if settings.session_secret == DEFAULT_SESSION_SECRET and not settings.allow_default_secret:

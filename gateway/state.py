@@ -11,19 +11,23 @@ import time
 import uuid
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from chatstream_cluster.gateway.admission import Admission
 from chatstream_cluster.gateway.dispatcher import Dispatcher
+from chatstream_cluster.gateway.metrics import TASK_FAILURES
+from chatstream_cluster.gateway.ops_recorder import OpsRecorder
 from chatstream_cluster.gateway.workers import WorkerCache
 from chatstream_cluster.shared.cluster_status import cluster_status
+from chatstream_cluster.shared.job_state import JobStates
 from chatstream_cluster.shared.jobqueue import JobQueue
 from chatstream_cluster.shared.keys import Keys
-from chatstream_cluster.shared.redis_client import REDIS_ERRORS, make_redis, reraise_if_cancelling
+from chatstream_cluster.shared.ops_stats import OpsStats
+from chatstream_cluster.shared.redis_client import make_redis
+from chatstream_cluster.shared.redis_errors import TRANSIENT_REDIS_ERRORS, reraise_if_cancelling
 from chatstream_cluster.shared.registry import GatewayRegistry, WorkerRegistry
 from chatstream_cluster.shared.schemas import GatewayInfo
 from chatstream_cluster.shared.semaphore import RedisSemaphore
 from chatstream_cluster.shared.settings import GatewaySettings
+from chatstream_cluster.shared.supervise import Supervisor
 
 log = logging.getLogger("chatstream.gateway")
 
@@ -45,16 +49,19 @@ class GatewayState:
         self.redis = make_redis(settings.redis_url, socket_timeout=settings.redis_timeout,
                                 pool_timeout=REDIS_POOL_WAIT_S)
         self.queue = JobQueue(self.redis, self.keys)
+        self.states = JobStates(self.redis, self.keys)
         self.registry = WorkerRegistry(self.redis, self.keys)
         self.gateways = GatewayRegistry(self.redis, self.keys)
         self.workers = WorkerCache(self.registry)
         self.semaphore = RedisSemaphore(self.redis, self.keys, lease_s=settings.permit_lease)
         self.admission = Admission(self.semaphore, settings, self.workers, self.keys)
         self.dispatcher = Dispatcher(settings.redis_url, self.keys, self.gateway_id)
-        self.background: set[asyncio.Task] = set()
+        self.ops_stats = OpsStats(self.redis, self.keys)
+        self.ops_recorder = OpsRecorder(self.ops_stats, self.semaphore, self.queue)
+        self.background: set[asyncio.Task] = set()  # per-request cleanups
+        self.supervisor = Supervisor(lambda name, _exc: TASK_FAILURES.labels(task=name).inc())
         self.draining = False  # refusing new generations (shutting down)
         self.leaving = False  # SIGTERM seen: /readyz 503, still serving (--shutdown-grace)
-        self._heartbeat_task: asyncio.Task | None = None
 
     def served_models(self) -> list[str]:
         """Model names requests may ask for: the live workers' models and the configured alias."""
@@ -77,23 +84,41 @@ class GatewayState:
         return await cluster_status(self.redis, self.keys)
 
     async def start(self) -> None:
-        await self.dispatcher.start()
-        await self.workers.start()
-        await self.admission.start()
-        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="gw-heartbeat")
+        """Run the background tasks, each supervised (shared/supervise.py): a crash is logged
+        and restarted, and `/readyz` is 503 while a task is down. Nothing here waits for Redis:
+        a gateway whose Redis is not up yet serves `/healthz` and answers 503 elsewhere until
+        it is (`ready()` says when)."""
+        sup = self.supervisor
+        sup.start("dispatcher", self.dispatcher.run)
+        sup.start("worker-cache", self.workers.refresh_loop)
+        sup.start("permit-refresh", self.admission.refresh_loop)
+        sup.start("gateway-heartbeat", self._heartbeat_loop)
+        sup.start("ops-recorder", self.ops_recorder.run)
+
+    def ready(self) -> dict[str, Any]:
+        """Readiness: Redis answers, a worker is live, no background task is down, not
+        draining, and no SIGTERM seen (not ready during --shutdown-grace, still serving)."""
+        down = dict(self.supervisor.down)
+        leaving = self.leaving or self.draining
+        ok = (self.workers.fresh() and bool(self.workers.serving) and not leaving
+              and not down and self.dispatcher.connected.is_set())
+        return {
+            "status": "ready" if ok else "not_ready",
+            "redis": self.workers.redis_ok,
+            "subscribed": self.dispatcher.connected.is_set(),
+            "workers": len(self.workers.serving),
+            "draining": leaving,
+            "tasks_down": down,
+        }
 
     async def stop(self) -> None:
         self.draining = True
         if self.background:
             await asyncio.wait(self.background, timeout=10)
-        if self._heartbeat_task is not None:
-            self._heartbeat_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat_task
-        with contextlib.suppress(*REDIS_ERRORS, RedisError):
+        await self.supervisor.stop()
+        with contextlib.suppress(*TRANSIENT_REDIS_ERRORS):
             await self.gateways.remove(self.gateway_id)
-        await self.admission.stop()
-        await self.workers.stop()
+        await self.ops_recorder.flush_last()
         await self.dispatcher.stop()
         await self.redis.aclose()
 
@@ -102,7 +127,7 @@ class GatewayState:
         while True:
             try:
                 await self.gateways.heartbeat(self.info(), GATEWAY_TTL_S)
-            except (*REDIS_ERRORS, RedisError) as exc:
+            except TRANSIENT_REDIS_ERRORS as exc:
                 reraise_if_cancelling()
                 log.debug("gateway heartbeat failed", extra={"error": str(exc)})
             await asyncio.sleep(GATEWAY_HEARTBEAT_S)

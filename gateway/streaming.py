@@ -1,8 +1,14 @@
 """A streaming response that owns a Generation: it watches for the client's disconnect and
-always closes the generation with the status of what really happened."""
+always closes the generation with the status of what really happened.
+
+A wire that can carry an error in its body (OpenAI SSE: an error event) always finishes the
+body. One that cannot (ChatStream's cumulative text) must not look complete when the
+generation did not end normally: the body is left unfinished, so the server closes the
+connection without the final chunk and the client sees a truncated response."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Mapping
 
 import anyio
@@ -10,8 +16,10 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from chatstream_cluster.gateway.disconnect import wait_for_disconnect
-from chatstream_cluster.gateway.generation import DISCONNECTED_WHILE_STREAMING, Generation
+from chatstream_cluster.gateway.generation import DISCONNECTED_WHILE_STREAMING, SUCCESS, Generation
 from chatstream_cluster.gateway.metrics import OPEN_STREAMS
+
+log = logging.getLogger("chatstream.gateway")
 
 
 class GenerationResponse(Response):
@@ -23,8 +31,11 @@ class GenerationResponse(Response):
         chunks: AsyncIterator[bytes],
         media_type: str,
         headers: Mapping[str, str] | None = None,
+        *,
+        errors_in_band: bool = True,
     ) -> None:
         self.generation = generation
+        self.errors_in_band = errors_in_band
         self.chunks = chunks
         self.status_code = 200
         self.media_type = media_type
@@ -47,8 +58,12 @@ class GenerationResponse(Response):
                 )
                 async for chunk in self.chunks:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
                 status = gen.outcome()
+                if self.errors_in_band or status == SUCCESS:
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                else:
+                    log.warning("stream did not end normally: closing the connection without "
+                                "finishing the body", extra=gen.log_ctx)
             except OSError:
                 pass  # the client is gone; `status` says so
             finally:

@@ -11,10 +11,8 @@ import contextlib
 import logging
 import time
 
-from redis.exceptions import RedisError
-
 from chatstream_cluster.gateway.errors import APIError, redis_unavailable
-from chatstream_cluster.shared.redis_client import REDIS_ERRORS, reraise_if_cancelling
+from chatstream_cluster.shared.redis_errors import TRANSIENT_REDIS_ERRORS, reraise_if_cancelling
 from chatstream_cluster.shared.registry import WorkerRegistry
 from chatstream_cluster.shared.schemas import WorkerInfo
 
@@ -31,24 +29,13 @@ class WorkerCache:
         self.redis_ok = False
         self.last_ok = 0.0
         self._changed = asyncio.Event()
-        self._task: asyncio.Task | None = None
-
-    async def start(self) -> None:
-        await self.refresh()
-        self._task = asyncio.create_task(self._loop(), name="worker-cache")
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def refresh(self) -> None:
         try:
             self.workers = await self.registry.live()
             self.redis_ok = True
             self.last_ok = time.monotonic()
-        except (*REDIS_ERRORS, RedisError) as exc:
+        except TRANSIENT_REDIS_ERRORS as exc:
             reraise_if_cancelling()
             if self.redis_ok:
                 log.warning("redis unreachable", extra={"error": str(exc)})
@@ -56,10 +43,15 @@ class WorkerCache:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def _loop(self) -> None:
+    async def refresh_loop(self) -> None:
+        """Refresh every `interval` seconds, forever (a supervised task)."""
         while True:
-            await asyncio.sleep(self.interval)
             await self.refresh()
+            await asyncio.sleep(self.interval)
+
+    def fresh(self, max_age_s: float = 3.0) -> bool:
+        """Redis answered a refresh within `max_age_s` seconds."""
+        return self.redis_ok and time.monotonic() - self.last_ok < max_age_s
 
     @property
     def serving(self) -> list[WorkerInfo]:

@@ -9,7 +9,10 @@ ChatStream's /get_load and `chatstream status`.
   not draining workers' `--max-batch` (what the gateways' admission derives).
 - `gateways`: the live gateways and the admission settings each enforces.
 - `workers`: the live workers, sorted by id; one that missed its heartbeats for
-  `--worker-ttl` is gone from the list.
+  `--worker-ttl` is gone from the list. Each has a `state`: `draining`, `stale` (no heartbeat
+  for `STALE_AFTER_S`: three of the default one-second heartbeats missed) or `serving`.
+- `last_minute`: cluster-wide tokens/s, TTFT p50/p99 and rejections by reason over the last
+  minute, summed from what every gateway counted (shared/ops_stats.py).
 """
 
 from __future__ import annotations
@@ -20,8 +23,18 @@ import redis.asyncio as aioredis
 
 from chatstream_cluster.shared.jobqueue import JobQueue
 from chatstream_cluster.shared.keys import Keys
+from chatstream_cluster.shared.ops_stats import OpsStats
 from chatstream_cluster.shared.registry import GatewayRegistry, WorkerRegistry
 from chatstream_cluster.shared.semaphore import RedisSemaphore
+
+STALE_AFTER_S = 3.0
+
+
+def worker_state(draining: bool, heartbeat_age_s: float) -> str:
+    """`draining`, `stale` (heartbeats late, not yet past its TTL) or `serving`."""
+    if draining:
+        return "draining"
+    return "stale" if heartbeat_age_s > STALE_AFTER_S else "serving"
 
 
 def capacity_of(max_concurrents: list[int], worker_batches: list[int]) -> int:
@@ -47,6 +60,7 @@ async def cluster_status(redis: aioredis.Redis, keys: Keys) -> dict[str, Any]:
             "draining": w.draining,
             "tokens_per_s": w.tokens_per_s,
             "last_heartbeat_s": round(age, 3),
+            "state": worker_state(w.draining, age),
         }
         for w, age in live
     ]
@@ -66,4 +80,5 @@ async def cluster_status(redis: aioredis.Redis, keys: Keys) -> dict[str, Any]:
             for g, age in gateways
         ],
         "workers": workers,
+        "last_minute": await OpsStats(redis, keys).last_minute(),
     }

@@ -1,9 +1,12 @@
 """A job's token events: fenced writes by workers, reads for gap repair and resume.
 
 Each event goes, in one Lua call, to the job's short-lived stream (entry id `<seq>-0`) and to
-the reply channel of the gateway that owns the job. The call checks the job's attempt first,
-so a worker that lost the job (a stale attempt) cannot write; it also refuses non-final
-events of a cancelled job, which tells the worker to stop.
+the reply channel the job's meta names (the gateway relaying it now; a resume moves it). The
+call checks the job's attempt first, so a worker that lost the job (a stale attempt) cannot
+write; it refuses plain events of a cancelled job, which tells the worker to stop. Three kinds
+of write: a plain event; the final event (stop, length or error: the job is `done`); and a park
+event (the worker stopped generating because nobody listens or the client left: the job is
+`parked`, resumable, see shared/job_state.py).
 """
 
 from __future__ import annotations
@@ -21,28 +24,43 @@ FENCED = -1
 CANCELLED = -2
 DUPLICATE = -3  # this seq was stored by an earlier try of the same publish
 
+PLAIN, FINAL, PARK = "e", "f", "p"
+
+# KEYS: meta, events. ARGV: attempt, seq, packed event, fallback channel, ttl ms, kind.
 _PUBLISH_EVENT = """
-local meta = redis.call('HMGET', KEYS[1], 'attempt', 'cancel')
+local meta = redis.call('HMGET', KEYS[1], 'attempt', 'cancel', 'channel')
 if meta[1] ~= ARGV[1] then return -1 end
-local final = ARGV[6] == '1'
-if meta[2] and not final then return -2 end
+local kind = ARGV[6]
+if meta[2] and kind == 'e' then return -2 end
 local added = redis.pcall('XADD', KEYS[2], ARGV[2] .. '-0', 'e', ARGV[3])
 if type(added) == 'table' and added.err then return -3 end
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
-if final then
+if kind == 'f' then
   redis.call('HSET', KEYS[1], 'status', 'done')
   redis.call('PEXPIRE', KEYS[1], ARGV[5])
+elseif kind == 'p' then
+  local t = redis.call('TIME')
+  redis.call('HSET', KEYS[1], 'status', 'parked',
+             'parked_ms', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
 end
-return redis.call('PUBLISH', ARGV[4], ARGV[3])
+return redis.call('PUBLISH', meta[3] or ARGV[4], ARGV[3])
 """
 
 
 @dataclass
 class PendingPublish:
-    """One event to publish for one job."""
+    """One event to publish for one job (`channel`: where to send it if the job's meta names
+    none)."""
 
     event: TokenEvent
     channel: str
+
+    @property
+    def kind(self) -> str:
+        if self.event.finish_reason:
+            return FINAL
+        return PARK if self.event.parked else PLAIN
 
 
 class EventWriter:
@@ -91,7 +109,7 @@ class EventWriter:
                     ev.pack(),
                     item.channel,
                     ttl_ms,
-                    1 if ev.finish_reason else 0,
+                    item.kind,
                 )
             return await pipe.execute(raise_on_error=False)
 
@@ -102,6 +120,12 @@ async def read_events(
     """The job's stored events with seq > after_seq, in order."""
     entries = await redis.xrange(keys.job_events(job_id), min=f"{after_seq + 1}-0", count=count)
     return [TokenEvent.unpack(fields[b"e"]) for _eid, fields in entries]
+
+
+async def last_event(redis: aioredis.Redis, keys: Keys, job_id: str) -> TokenEvent | None:
+    """The job's last stored event, if any."""
+    entries = await redis.xrevrange(keys.job_events(job_id), count=1)
+    return TokenEvent.unpack(entries[0][1][b"e"]) if entries else None
 
 
 async def replay_state(redis: aioredis.Redis, keys: Keys, job_id: str) -> tuple[int, str, int]:

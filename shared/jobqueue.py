@@ -1,9 +1,11 @@
 """The job queue: a Redis Stream read by the workers' consumer group (at-least-once).
 
 A job's life: the gateway `enqueue`s it (meta hash with attempt 0, then XADD); a worker
-reads it (`read`), fences it (`begin_attempt` bumps the attempt), keeps its pending entry
-fresh (`touch`) and `finish`es it (XACK + XDEL). Entries of a dead worker go idle and
-another worker takes them over with `reclaim` (XAUTOCLAIM).
+reads it (`read`), fences it (`JobStates.begin_attempt` bumps the attempt, shared/job_state.py),
+keeps its pending entry fresh (`touch`) and `finish`es it (XACK + XDEL). Entries of a dead worker
+go idle and another worker takes them over with `reclaim` (XAUTOCLAIM). Every entry carries a
+nonce; only the entry whose nonce the job's meta names may run (a resume that requeues a parked
+job adds an entry with a new nonce), so a job never runs twice at once.
 """
 
 from __future__ import annotations
@@ -13,36 +15,9 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from chatstream_cluster.shared.job_state import META_TTL_S, new_token
 from chatstream_cluster.shared.keys import JOBS_GROUP, Keys, safe_id
 from chatstream_cluster.shared.schemas import ControlMessage, JobSpec
-
-META_TTL_S = 24 * 3600
-
-# Bump the fence and mark the job running; returns {attempt, cancelled}.
-_BEGIN_ATTEMPT = """
-local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1])
-local cancelled = redis.call('HGET', KEYS[1], 'cancel')
-return {attempt, cancelled and 1 or 0}
-"""
-
-
-# Put a job back in the queue to continue it (a client resumed it). KEYS: meta, jobs stream.
-# ARGV: packed spec (with the resuming gateway's reply channel), job id, meta ttl.
-# Returns {0} unknown job, {1} finished (replay only), {2, entry id} queued again.
-_RESUBMIT = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return {0} end
-local cancelled = redis.call('HGET', KEYS[1], 'cancel')
-if status == 'done' and not cancelled then return {1} end
-redis.call('HDEL', KEYS[1], 'cancel')
-redis.call('HSET', KEYS[1], 'status', 'queued', 'spec', ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-local id = redis.call('XADD', KEYS[2], '*', 'spec', ARGV[1], 'job_id', ARGV[2])
-return {2, id}
-"""
-
-UNKNOWN, FINISHED, RESUBMITTED = 0, 1, 2
 
 
 @dataclass
@@ -53,6 +28,11 @@ class JobEntry:
     spec: JobSpec | None
     raw: dict[bytes, bytes]
     error: str = ""
+
+    @property
+    def nonce(self) -> str:
+        """The entry's nonce ('' for an entry without one)."""
+        return self.raw.get(b"nonce", b"").decode(errors="replace")
 
 
 def _decode_entry(entry_id: bytes | str, fields: dict[bytes, bytes] | None) -> JobEntry:
@@ -72,8 +52,6 @@ class JobQueue:
     def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
-        self._begin = redis.register_script(_BEGIN_ATTEMPT)
-        self._resubmit = redis.register_script(_RESUBMIT)
 
     async def ensure_group(self) -> None:
         """Create the stream and the consumer group if missing (idempotent)."""
@@ -84,41 +62,37 @@ class JobQueue:
                 raise
 
     # --- gateway side ----------------------------------------------------------------------
-    async def enqueue(self, spec: JobSpec) -> str:
-        """Make the job visible to workers; returns the stream entry id."""
+    async def enqueue(self, spec: JobSpec, *, owner: str, listener: str) -> str:
+        """Make the job visible to workers (meta, then the entry); returns the entry id.
+
+        `owner` may resume it later, `listener` (the connection relaying it) may cancel it;
+        workers publish its events to `spec.reply_channel`."""
+        nonce = new_token()
         meta = self.keys.job_meta(spec.job_id)
+        packed = spec.pack()
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(meta, mapping={"attempt": 0, "status": "queued", "spec": spec.pack()})
+            pipe.hset(meta, mapping={
+                "attempt": 0, "status": "queued", "spec": packed, "owner": owner,
+                "channel": spec.reply_channel, "listener": listener, "nonce": nonce,
+            })
             pipe.expire(meta, META_TTL_S)
-            pipe.xadd(self.keys.jobs, {"spec": spec.pack(), "job_id": spec.job_id})
+            pipe.xadd(self.keys.jobs, {"spec": packed, "job_id": spec.job_id, "nonce": nonce})
             result = await pipe.execute()
-        entry_id = result[-1]
-        return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        return _text(result[-1])
 
-    async def stored_spec(self, job_id: str) -> JobSpec | None:
-        """The spec a job was enqueued with, while its meta hash lives."""
-        packed = await self.redis.hget(self.keys.job_meta(job_id), "spec")
-        return JobSpec.unpack(packed) if packed else None
-
-    async def resubmit(self, spec: JobSpec) -> tuple[int, str | None]:
-        """Queue a cancelled or unfinished job again so it continues where it stopped.
-
-        Returns (UNKNOWN | FINISHED | RESUBMITTED, entry id)."""
-        reply = await self._resubmit(
-            keys=[self.keys.job_meta(spec.job_id), self.keys.jobs],
-            args=[spec.pack(), spec.job_id, META_TTL_S],
+    async def add_entry(self, job_id: str, packed_spec: bytes, nonce: str) -> str:
+        """An entry for a job that already has its meta (a resume requeues a parked job: the
+        entry becomes the valid one once `JobStates.attach` names its nonce)."""
+        entry = await self.redis.xadd(
+            self.keys.jobs, {"spec": packed_spec, "job_id": job_id, "nonce": nonce}
         )
-        entry = reply[1] if len(reply) > 1 else None
-        return int(reply[0]), entry.decode() if isinstance(entry, bytes) else entry
+        return _text(entry)
 
-    async def cancel(self, job_id: str) -> None:
-        """Tell the workers to stop a job: a flag they check, and a broadcast."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(self.keys.job_meta(job_id), "cancel", 1)
-            pipe.publish(
-                self.keys.control_channel, ControlMessage(kind="cancel", job_id=job_id).pack()
-            )
-            await pipe.execute()
+    async def broadcast_cancel(self, job_id: str) -> None:
+        """Tell the workers to look at a job's cancel flag now (not only at their next write)."""
+        await self.redis.publish(
+            self.keys.control_channel, ControlMessage(kind="cancel", job_id=job_id).pack()
+        )
 
     async def withdraw(self, entry_id: str) -> int:
         """Remove a job no worker has read yet; returns 1 if it was removed."""
@@ -182,11 +156,6 @@ class JobQueue:
             gone.append(name)
         return gone
 
-    async def begin_attempt(self, job_id: str, worker_id: str) -> tuple[int, bool]:
-        """Bump the job's fence; returns (attempt, cancelled)."""
-        attempt, cancelled = await self._begin(keys=[self.keys.job_meta(job_id)], args=[worker_id])
-        return int(attempt), bool(cancelled)
-
     async def finish(self, entry_id: str) -> None:
         """Acknowledge and delete a finished job's entry."""
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -201,3 +170,7 @@ class JobQueue:
         fields[b"entry_id"] = entry.entry_id.encode()
         await self.redis.xadd(self.keys.dead_letter, fields, maxlen=10_000, approximate=True)
         await self.finish(entry.entry_id)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -115,3 +115,7 @@ class Keys:
     def feedback(self) -> str:
         """Stream of /set_feedback entries."""
         return self._k("feedback")
+
+    def stats_bucket(self, bucket: int) -> str:
+        """Hash of what all gateways served in one time bucket (shared/ops_stats.py)."""
+        return self._k("stats", str(int(bucket)))

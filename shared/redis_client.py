@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 def make_redis(
@@ -49,17 +44,6 @@ def make_pubsub_redis(url: str) -> aioredis.Redis:
     return aioredis.Redis.from_url(
         url, socket_timeout=None, socket_connect_timeout=2.0, health_check_interval=10
     )
-
-
-def reraise_if_cancelling() -> None:
-    """Inside an `except` for Redis errors in a loop: re-raise a pending cancellation.
-
-    redis-py may turn a cancellation that hits mid-command into a connection error; a loop that
-    retries on connection errors would then swallow the cancel and never stop.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError()
 
 
 def redact_url(url: str) -> str:

@@ -68,7 +68,9 @@ class TokenEvent(BaseModel):
 
     `seq` counts events of the job from 1 with no gap across attempts; `attempt` is the
     fence. `tokens` is the completion token count so far. The last event has
-    `finish_reason` and `usage`.
+    `finish_reason` ("stop", "length" or "error") and `usage`. `parked` marks the event a
+    worker wrote when it stopped generating without finishing (nobody listened, or the
+    client left): the job is resumable, and this is not an end.
     """
 
     job_id: str
@@ -81,6 +83,7 @@ class TokenEvent(BaseModel):
     error: JobError | None = None
     prompt: str | None = None
     worker_id: str = ""
+    parked: bool | None = None
 
     def pack(self) -> bytes:
         """msgpack of the fields that are not None (the wire form; see `unpack`)."""

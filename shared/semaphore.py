@@ -88,17 +88,18 @@ redis.call('ZREM', KEYS[3], ARGV[1])
 return 0
 """
 
-# ARGV: lease ms, permit ids... Returns how many of them are still held (their leases extended).
+# ARGV: lease ms, permit ids... Extends the leases of those still held; returns the others.
 _REFRESH = """
 local expiry = now + tonumber(ARGV[1])
-local held = 0
+local lapsed = {}
 for i = 2, #ARGV do
   if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
     redis.call('ZADD', KEYS[1], expiry, ARGV[i])
-    held = held + 1
+  else
+    table.insert(lapsed, ARGV[i])
   end
 end
-return held
+return lapsed
 """
 
 # Returns {held, waiting}.
@@ -231,12 +232,13 @@ class RedisSemaphore:
                 pass  # cancelled again: the shielded cleanup runs on by itself
             raise
 
-    async def refresh(self, permit_ids: Iterable[str]) -> int:
-        """Extend the leases of those permits still held; returns how many are held."""
+    async def refresh(self, permit_ids: Iterable[str]) -> list[str]:
+        """Extend the leases of those permits still held; returns the ids that are not held
+        (their lease ran out, or they were released): lapsed, to be handled by the caller."""
         ids = list(permit_ids)
         if not ids:
-            return 0
-        return int(await self._refresh(keys=self._keys, args=[self.lease_ms, *ids]))
+            return []
+        return _strs(await self._refresh(keys=self._keys, args=[self.lease_ms, *ids]))
 
     async def release(self, permit_id: str) -> bool:
         """Give the permit back (idempotent; also leaves the line). True if it was held."""

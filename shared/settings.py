@@ -78,13 +78,17 @@ class WorkerSettings(CommonSettings):
         5.0, gt=0, description="A job untouched this long is taken over from its dead worker."
     )
     no_subscriber_timeout: float = Field(
-        1.5, gt=0, description="Drop a sequence whose tokens reach no gateway for this long."
+        1.5, gt=0,
+        description="Stop generating a sequence whose tokens reach no gateway for this long; "
+        "it is parked, resumable for the gateways' --resume-window.",
     )
     drain_timeout: float = Field(
         30.0, ge=0, description="On SIGTERM, finish in-flight jobs for at most this long."
     )
     event_stream_ttl: float = Field(
-        300.0, gt=0, description="Lifetime of a finished job's event stream (for resume)."
+        300.0, gt=0,
+        description="Lifetime of a finished or parked job's event stream (replay and resume); "
+        "keep it above the gateways' --resume-window.",
     )
 
 
@@ -124,6 +128,11 @@ class GatewaySettings(CommonSettings):
     )
     admin_key: str = Field("", description="Key protecting /admin/* and /metrics.")
     max_concurrent_per_key: int = Field(0, ge=0, description="Cap per API key; 0 = none.")
+    client_roles_file: str = Field(
+        "",
+        description="JSON file with ChatStream's client_roles (which ChatStream APIs browsers "
+        "and programs may call; docs/chatstream-api.md); empty = no role layer.",
+    )
     session_secret: str = Field(
         DEFAULT_SESSION_SECRET, description="Secret that signs the sid cookie."
     )
@@ -134,6 +143,22 @@ class GatewaySettings(CommonSettings):
     cookie_secure: bool = Field(False, description="Mark the sid cookie Secure (HTTPS only).")
     drain_timeout: float = Field(
         30.0, ge=0, description="On SIGTERM, let open streams finish for at most this long."
+    )
+    resume_window: float = Field(
+        30.0, gt=0, le=3600,
+        description="A stream whose client or gateway went away stays resumable "
+        "(Last-Event-ID) for this long; its generation stops at once and continues on resume.",
+    )
+    ui: bool = Field(
+        True, description="Serve the chat page at / (and /chatstream.js); --no-ui turns it off."
+    )
+    ui_title: str = Field("ChatStream Cluster", description="Title of the chat page.")
+    ui_welcome_message: str = Field(
+        "", description="First message the chat page shows (not sent to the model)."
+    )
+    ops_page: bool = Field(
+        True, description="Serve the ops page at /admin (its figures want --admin-key, like "
+        "/admin/status); --no-ops-page turns it off.",
     )
     shutdown_grace: float = Field(
         5.0, ge=0, le=600,

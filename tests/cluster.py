@@ -128,13 +128,13 @@ class Cluster:
         proc.settings["worker_id"] = worker_id
         return proc
 
-    def start_gateway(self, **settings: Any) -> Proc:
-        """A gateway on a free port; returns once /healthz answers. No shutdown grace unless
-        asked for: nothing balances load in front of a test's gateway."""
-        port = free_port()
+    def start_gateway(self, port: int = 0, *, start_within: float = 60, **settings: Any) -> Proc:
+        """A gateway on `port` (default: a free one); returns once /healthz answers. No
+        shutdown grace unless asked for: nothing balances load in front of a test's gateway."""
+        port = port or free_port()
         proc = self._spawn("gateway", "gateway", {"port": port, "shutdown_grace": 0, **settings},
                            port=port)
-        wait_until(lambda: self._healthy(proc), 30, what=f"gateway on port {port}")
+        wait_until(lambda: self._healthy(proc), start_within, what=f"gateway on port {port}")
         return proc
 
     def _healthy(self, proc: Proc) -> bool:

@@ -5,9 +5,9 @@
 - `_start_job` fences the job (attempt + 1), replays what an earlier attempt already sent and
   hands the sequence to the engine.
 - The engine thread steps all sequences together; outputs are coalesced per job until the
-  publisher sends them, so generation never waits on Redis.
-- `_publish` sends one fenced event per job per round, pipelined; a fenced, cancelled or
-  unheard job leaves the batch.
+  publisher (worker/publisher.py) sends them, so generation never waits on Redis.
+- The publisher sends one fenced event per job per round, pipelined; a fenced job leaves the
+  batch, a cancelled or unheard one is parked (resumable).
 - SIGTERM (`drain`) stops intake, lets running jobs finish up to the drain timeout, and leaves
   the rest unacknowledged so another worker continues them.
 """
@@ -24,73 +24,29 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from redis.exceptions import RedisError
-
 from chatstream_cluster.shared.events import (
-    CANCELLED,
-    FENCED,
     EventWriter,
-    PendingPublish,
     replay_state,
 )
+from chatstream_cluster.shared.job_state import JobStates
 from chatstream_cluster.shared.jobqueue import JobEntry, JobQueue
 from chatstream_cluster.shared.keys import Keys
-from chatstream_cluster.shared.redis_client import (
-    REDIS_ERRORS,
-    make_pubsub_redis,
-    make_redis,
-    reraise_if_cancelling,
-)
+from chatstream_cluster.shared.redis_client import make_pubsub_redis, make_redis
+from chatstream_cluster.shared.redis_errors import TRANSIENT_REDIS_ERRORS, reraise_if_cancelling
 from chatstream_cluster.shared.registry import WorkerRegistry
 from chatstream_cluster.shared.schemas import (
     ControlMessage,
     JobError,
-    JobSpec,
-    TokenEvent,
-    Usage,
     WorkerInfo,
 )
 from chatstream_cluster.shared.settings import WorkerSettings
+from chatstream_cluster.shared.supervise import Supervisor
 from chatstream_cluster.worker.engine_api import Engine, GenerationRequest, StepOutput
+from chatstream_cluster.worker.publisher import ActiveJob, Publisher
 from chatstream_cluster.worker.resources import resource_snapshot
 
 log = logging.getLogger("chatstream.worker")
-MAX_ATTEMPTS = 5
-
-
-@dataclass
-class ActiveJob:
-    """A job this worker is generating."""
-
-    entry_id: str
-    spec: JobSpec
-    attempt: int
-    seq: int
-    tokens: int = 0
-    prompt_tokens: int = 0
-    unheard_since: float | None = None
-    dropping: bool = False
-
-
-@dataclass
-class Pending:
-    """Output of one job not yet published (coalesced across engine steps)."""
-
-    text: str = ""
-    tokens: int = 0
-    prompt_tokens: int = 0
-    finish_reason: str | None = None
-    error: JobError | None = None
-    prompt: str | None = None
-
-    def merge(self, out: StepOutput | Pending) -> None:
-        """Add output produced after this (an engine step's, or newer pending output)."""
-        self.text += out.text
-        self.tokens = max(self.tokens, out.tokens)
-        self.prompt_tokens = out.prompt_tokens or self.prompt_tokens
-        self.finish_reason = out.finish_reason or self.finish_reason
-        self.error = out.error or self.error
-        self.prompt = out.prompt if out.prompt is not None else self.prompt
+MAX_TAKEOVERS = 4  # a job whose workers keep dying is failed, not retried forever
 
 
 @dataclass
@@ -116,16 +72,17 @@ class Worker:
         self.id = settings.worker_id or f"{socket.gethostname()}-{suffix}"
         self.redis = make_redis(settings.redis_url)
         self.queue = JobQueue(self.redis, self.keys)
-        self.writer = EventWriter(self.redis, self.keys, settings.event_stream_ttl)
+        self.states = JobStates(self.redis, self.keys)
         self.registry = WorkerRegistry(self.redis, self.keys)
+        self.publisher = Publisher(
+            EventWriter(self.redis, self.keys, settings.event_stream_ttl), self,
+            settings.no_subscriber_timeout,
+        )
         self.active: dict[str, ActiveJob] = {}
         self.stats = WorkerStats()
         self.started_ms = int(time.time() * 1000)
-        self._pending: dict[str, Pending] = {}
-        self._pending_lock = threading.Lock()
         self._engine_wake = threading.Event()
         self._stop_engine = threading.Event()
-        self._dirty = asyncio.Event()
         self._slot_free = asyncio.Event()
         self._draining = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -140,26 +97,23 @@ class Worker:
         await self._retry_forever(self.queue.ensure_group, "create consumer group")
         engine_thread = threading.Thread(target=self._engine_thread, name="engine", daemon=True)
         engine_thread.start()
-        tasks = [
-            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
-            asyncio.create_task(self._control_loop(), name="control"),
-            asyncio.create_task(self._publish_loop(), name="publish"),
-        ]
+        supervisor = Supervisor()  # a crashed loop is logged and restarted with backoff
+        supervisor.start("heartbeat", self._heartbeat_loop)
+        supervisor.start("control", self._control_loop)
+        supervisor.start("publish", self.publisher.run)
         log.info("worker ready", extra={"worker_id": self.id, "model": self.engine.model_name})
         try:
             await self._intake()
             await self._wait_drained()
         finally:
             self._stopping = True
-            self._dirty.set()  # the publisher sends what is left, then sees _stopping
-            await asyncio.wait(tasks[2:], timeout=2)
-            for task in tasks:
-                task.cancel()
-            await asyncio.wait(tasks, timeout=2)
+            self.publisher.stop()  # it sends what is left, then returns
+            await asyncio.wait([supervisor.tasks["publish"]], timeout=2)
+            await supervisor.stop()
             self._stop_engine.set()
             self._engine_wake.set()
             await asyncio.to_thread(engine_thread.join, 5)
-            with contextlib.suppress(*REDIS_ERRORS, RedisError):
+            with contextlib.suppress(*TRANSIENT_REDIS_ERRORS):
                 await self.registry.remove(self.id)
             await self.redis.aclose()
             self.engine.close()
@@ -190,7 +144,7 @@ class Worker:
         while True:
             try:
                 return await func()
-            except (*REDIS_ERRORS, RedisError) as exc:
+            except TRANSIENT_REDIS_ERRORS as exc:
                 reraise_if_cancelling()
                 log.warning(f"redis unavailable: {what}", extra={"error": str(exc)})
                 if self._draining.is_set():
@@ -210,15 +164,17 @@ class Worker:
                 continue
             try:
                 entries: list[JobEntry] = []
+                takeover = False
                 if time.monotonic() - last_reclaim > self.settings.job_claim_idle / 2:
                     last_reclaim = time.monotonic()
                     entries = await self.queue.reclaim(self.id, self.settings.job_claim_idle, free)
+                    takeover = bool(entries)
                 if not entries and time.monotonic() - last_prune > self._prune_after_s:
                     last_prune = time.monotonic()
                     await self._prune_dead_consumers()
                 if not entries:
                     entries = await self.queue.read(self.id, free, block_ms=500)
-            except (*REDIS_ERRORS, RedisError) as exc:
+            except TRANSIENT_REDIS_ERRORS as exc:
                 reraise_if_cancelling()
                 log.warning("redis unavailable: read jobs", extra={"error": str(exc)})
                 await asyncio.sleep(0.5)
@@ -226,7 +182,9 @@ class Worker:
             for entry in entries:
                 if self._draining.is_set():
                     break  # unacknowledged: another worker reclaims it
-                await self._retry_forever(lambda e=entry: self._start_job(e), "start job")
+                await self._retry_forever(
+                    lambda e=entry, t=takeover: self._start_job(e, takeover=t), "start job"
+                )
 
     @property
     def _prune_after_s(self) -> float:
@@ -240,7 +198,7 @@ class Worker:
         for name in await self.queue.prune_consumers(live, self._prune_after_s):
             log.info("removed a dead worker's consumer", extra={"consumer": name})
 
-    async def _start_job(self, entry: JobEntry) -> None:
+    async def _start_job(self, entry: JobEntry, *, takeover: bool = False) -> None:
         spec = entry.spec
         if spec is None:
             log.error(
@@ -253,10 +211,12 @@ class Worker:
             # A resumed job whose earlier attempt is still leaving this worker: start it after.
             self._deferred[spec.job_id] = entry
             return
-        attempt, cancelled = await self.queue.begin_attempt(spec.job_id, self.id)
+        attempt, takeovers, why_not = await self.states.begin_attempt(
+            spec.job_id, entry.nonce, self.id, takeover=takeover
+        )
         ctx = {"job_id": spec.job_id, "attempt": attempt, "worker_id": self.id}
-        if cancelled:
-            log.info("job was cancelled before it started", extra=ctx)
+        if not attempt:  # stale entry, cancelled before it started, finished or expired
+            log.info("job entry not run", extra={**ctx, "reason": why_not})
             await self.queue.finish(entry.entry_id)
             return
         seq, text, tokens = (0, "", 0)
@@ -265,9 +225,11 @@ class Worker:
             log.info("continuing job", extra={**ctx, "from_seq": seq, "from_tokens": tokens})
         job = ActiveJob(entry.entry_id, spec, attempt, seq, tokens)
         self.active[spec.job_id] = job
-        if attempt > MAX_ATTEMPTS:
-            self._emit(StepOutput(spec.job_id, tokens=tokens, finish_reason="error", error=JobError(
-                code="too_many_attempts", message=f"job failed on {MAX_ATTEMPTS} workers")))
+        if takeovers > MAX_TAKEOVERS:
+            self.publisher.emit(StepOutput(
+                spec.job_id, tokens=tokens, finish_reason="error", error=JobError(
+                    code="too_many_attempts",
+                    message=f"the job was taken over from {MAX_TAKEOVERS} failed workers")))
             return
         self.engine.submit(
             GenerationRequest(
@@ -310,7 +272,7 @@ class Worker:
         while not self._stop_engine.is_set():
             if not self.engine.has_work():
                 if held:
-                    self._wake_publisher()
+                    self.publisher.wake()
                     held.clear()
                     held_since = None
                 self._engine_wake.wait(0.1)
@@ -328,7 +290,7 @@ class Worker:
                 time.sleep(0.1)
             if not outputs and held_since is None:
                 continue
-            self._coalesce(outputs)
+            self.publisher.coalesce(outputs)
             now = time.monotonic()
             urgent = False
             for out in outputs:
@@ -338,7 +300,7 @@ class Worker:
             if not urgent and held_since is None:
                 held_since = now
             if urgent or now - held_since >= interval:  # type: ignore[operator]
-                self._wake_publisher()
+                self.publisher.wake()
                 last_sent.update(dict.fromkeys(held, now))
                 held.clear()
                 held_since = None
@@ -346,122 +308,16 @@ class Worker:
                 if out.finish_reason:
                     last_sent.pop(out.request_id, None)
 
-    def _emit(self, out: StepOutput) -> None:
-        """Coalesce an engine output into the job's pending event and wake the publisher
-        (any thread)."""
-        self._coalesce([out])
-        self._wake_publisher()
-
-    def _coalesce(self, outputs: list[StepOutput]) -> None:
-        """Merge outputs into their jobs' pending events (one lock round for a whole step)."""
-        if not outputs:
-            return
-        with self._pending_lock:
-            pending = self._pending
-            for out in outputs:
-                p = pending.get(out.request_id)
-                if p is None:
-                    p = pending[out.request_id] = Pending()
-                p.merge(out)
-
-    def _wake_publisher(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._dirty.set)
-
-    # --- publisher -------------------------------------------------------------------------
-    async def _publish_loop(self) -> None:
-        """Publish coalesced output; a failed round is retried verbatim (same seqs, same text)
-        before anything newer, so a write that reached Redis but not its reply is neither
-        lost nor changed (the retry finds it stored: DUPLICATE)."""
-        retry: list[tuple[PendingPublish, Pending]] = []
-        while not self._stopping or retry:
-            if not retry:
-                await self._dirty.wait()
-                self._dirty.clear()
-                with self._pending_lock:
-                    taken, self._pending = self._pending, {}
-                retry = self._build_batch(taken)
-            try:
-                results = await self.writer.publish([item for item, _ in retry])
-            except (*REDIS_ERRORS, RedisError) as exc:
-                reraise_if_cancelling()
-                log.warning("redis unavailable: publish", extra={"error": str(exc)})
-                if self._stopping:
-                    return
-                await asyncio.sleep(0.2)
-                continue
-            batch, retry = retry, []
-            now = time.monotonic()
-            for (item, pending), result in zip(batch, results, strict=True):
-                await self._after_publish(item.event, result, now, pending)
-
-    def _build_batch(self, taken: dict[str, Pending]) -> list[tuple[PendingPublish, Pending]]:
-        """One event per job with the next seq number of that job."""
-        batch = []
-        for jid, p in taken.items():
-            job = self.active.get(jid)
-            if job is None:
-                continue
-            tokens = max(p.tokens, job.tokens)
-            usage = None
-            if p.finish_reason:
-                usage = Usage(prompt_tokens=p.prompt_tokens or job.prompt_tokens,
-                              completion_tokens=tokens)
-            job.seq += 1
-            event = TokenEvent.model_construct(
-                job_id=jid, seq=job.seq, attempt=job.attempt, text=p.text, tokens=tokens,
-                finish_reason=p.finish_reason, usage=usage, error=p.error, prompt=p.prompt,
-                worker_id=self.id,
-            )
-            batch.append((PendingPublish(event, job.spec.reply_channel), p))
-        return batch
-
-    def _restore(self, jid: str, old: Pending) -> None:
-        """Put output that was not written back in front of anything produced since."""
-        with self._pending_lock:
-            newer = self._pending.get(jid)
-            if newer is not None:
-                old.merge(newer)
-            self._pending[jid] = old
-
-    async def _after_publish(self, ev: TokenEvent, result: int, now: float, p: Pending) -> None:
-        job = self.active.get(ev.job_id)
-        if job is None:
-            return
-        ctx = {"job_id": ev.job_id, "attempt": ev.attempt, "worker_id": self.id}
-        if result == FENCED:
-            log.warning("job taken over by another worker: dropping it", extra=ctx)
-            self._drop(job)
-            await self._finish_local(job, ack=False)
-            return
-        if result == CANCELLED:  # not written: its seq is free again, its text kept
-            job.seq = ev.seq - 1
-            self._drop(job)
-            self._restore(ev.job_id, p)  # the final "cancelled" event carries it
-            return
-        self.stats.tokens += max(0, ev.tokens - job.tokens)
-        job.tokens = ev.tokens
-        job.prompt_tokens = p.prompt_tokens or job.prompt_tokens
-        if ev.finish_reason:
-            await self._finish_local(job, ack=True)
-            log.info("job finished", extra={**ctx, "finish_reason": ev.finish_reason,
-                                            "tokens": ev.tokens})
-            return
-        if result == 0:  # DUPLICATE (stored by an earlier try) counts as heard
-            job.unheard_since = job.unheard_since or now
-            if now - job.unheard_since > self.settings.no_subscriber_timeout:
-                log.warning("no gateway listens to this job: dropping it", extra=ctx)
-                self._drop(job)
-        else:
-            job.unheard_since = None
-
-    def _drop(self, job: ActiveJob) -> None:
+    # --- the publisher's host (worker/publisher.py's JobHost) ----------------------------------
+    def drop(self, job: ActiveJob) -> None:
+        """Stop generating `job`: the engine ends it within one step."""
         if not job.dropping:
             job.dropping = True
             self.engine.cancel(job.spec.job_id)
             self._engine_wake.set()
 
-    async def _finish_local(self, job: ActiveJob, *, ack: bool) -> None:
+    async def finish_local(self, job: ActiveJob, *, ack: bool) -> None:
+        """Forget a job that finished, was parked or was taken over; start one deferred."""
         self.active.pop(job.spec.job_id, None)
         self._slot_free.set()
         if ack:
@@ -469,6 +325,9 @@ class Worker:
         deferred = self._deferred.pop(job.spec.job_id, None)
         if deferred is not None:
             await self._start_job(deferred)
+
+    def count_tokens(self, n: int) -> None:
+        self.stats.tokens += n
 
     # --- heartbeat and control -------------------------------------------------------------
     def info(self) -> WorkerInfo:
@@ -487,7 +346,7 @@ class Worker:
             try:
                 await self.registry.heartbeat(self.info(), self.settings.worker_ttl)
                 await self.queue.touch(self.id, [j.entry_id for j in self.active.values()])
-            except (*REDIS_ERRORS, RedisError) as exc:
+            except TRANSIENT_REDIS_ERRORS as exc:
                 reraise_if_cancelling()
                 log.warning("redis unavailable: heartbeat", extra={"error": str(exc)})
             await asyncio.sleep(self.settings.heartbeat_interval)
@@ -502,7 +361,7 @@ class Worker:
                     msg = await pubsub.get_message(timeout=1.0)
                     if msg and msg["type"] == "message":
                         self._on_control(msg["data"])
-            except (*REDIS_ERRORS, RedisError) as exc:
+            except TRANSIENT_REDIS_ERRORS as exc:
                 reraise_if_cancelling()
                 log.warning("redis unavailable: control channel", extra={"error": str(exc)})
                 await asyncio.sleep(0.5)
@@ -520,4 +379,4 @@ class Worker:
         job = self.active.get(msg.job_id)
         if msg.kind == "cancel" and job is not None:
             log.info("cancel", extra={"job_id": msg.job_id, "worker_id": self.id})
-            self._drop(job)
+            self.drop(job)

@@ -2,12 +2,18 @@
 
 Token k of the reply to prompt P is a word picked by a hash of (P, k), so a continuation
 from position k (another worker taking over) produces exactly the rest of the same text.
+
+Echo: when the last message is a user message that starts with `echo: `, the reply is the rest
+of that message, verbatim, one word (with the whitespace after it) per token, then it stops
+(finish_reason "stop", like a model's end-of-sequence). Tests use it to send a known text
+(markup, non-ASCII) through the whole pipeline.
 """
 
 from __future__ import annotations
 
 import hashlib
 import heapq
+import re
 import threading
 import time
 from collections import deque
@@ -22,11 +28,23 @@ WORDS = (
     "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi"
 ).split()
 MOCK_CONTEXT = 32768
+ECHO_PREFIX = "echo: "
+_ECHO_TOKEN = re.compile(r"\s*\S+\s*|\s+")
 
 
 def render_prompt(messages: list) -> str:
     """The mock's chat template: one `role: content` line per message."""
     return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
+
+
+def echo_tokens(messages: list) -> list[str] | None:
+    """The echo reply's tokens, when the last message is a user's `echo: TEXT`; else None."""
+    if not messages or messages[-1].role != "user":
+        return None
+    content = messages[-1].content
+    if not content.startswith(ECHO_PREFIX):
+        return None
+    return _ECHO_TOKEN.findall(content[len(ECHO_PREFIX):])
 
 
 def mock_token(prompt_digest: bytes, position: int) -> str:
@@ -56,6 +74,7 @@ class _Sequence:
     started: float
     text: str = ""
     sent_prompt: bool = False
+    echo: list[str] | None = None
 
 
 class MockEngine:
@@ -105,6 +124,7 @@ class MockEngine:
                     len(prompt.split()),
                     req.resume_tokens,
                     time.monotonic(),
+                    echo=echo_tokens(req.messages),
                 )
                 self._active[req.request_id] = seq
                 if self.tokens_per_s > 0:
@@ -185,12 +205,15 @@ class MockEngine:
             limit = seq.request.sampling.max_tokens
             text = ""
             finish = None
+            echo = seq.echo
             for _ in range(due):
-                if seq.produced >= limit:
+                if seq.produced >= limit or (echo is not None and seq.produced >= len(echo)):
                     break
-                text += mock_token(seq.digest, seq.produced)
+                text += mock_token(seq.digest, seq.produced) if echo is None else echo[seq.produced]
                 seq.produced += 1
-            if seq.produced >= limit:
+            if echo is not None and seq.produced >= len(echo):
+                finish = "stop"
+            elif seq.produced >= limit:
                 finish = "length"
             text, finish = self._apply_stop(seq, text, finish)
             if text or finish:

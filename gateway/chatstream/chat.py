@@ -19,7 +19,7 @@ from starlette.responses import Response
 from chatstream_cluster.gateway.auth import api_key_id
 from chatstream_cluster.gateway.chatstream.context import SessionContext
 from chatstream_cluster.gateway.errors import APIError
-from chatstream_cluster.gateway.generation import Generation, run_generation
+from chatstream_cluster.gateway.generation import NORMAL_ENDS, Generation, run_generation
 from chatstream_cluster.gateway.request_id import client_request_id
 from chatstream_cluster.gateway.sessions.history import Message, to_chat, trim_history
 from chatstream_cluster.gateway.sessions.params import sampling_for
@@ -91,8 +91,8 @@ async def chat_turn(
         gen = Generation(
             ctx.state, to_chat(head + base),
             sampling_for(session.params(options.default_params), s.default_max_tokens),
-            route="chatstream", request_id=client_request_id(request),
-            return_prompt=True,
+            route="chatstream", owner=f"sid:{ctx.sid}",
+            request_id=client_request_id(request), return_prompt=True,
         )
         gen.extra_permits = ctx.state.admission.extra_permits(api_key_id(request))
     except BaseException:
@@ -104,7 +104,7 @@ async def chat_turn(
     headers = {**STREAM_HEADERS, MESSAGE_ID_HEADER: turn.message_id,
                "X-Request-ID": gen.request_id}
     response = GenerationResponse(gen, _chunks(gen, turn), "text/plain; charset=utf-8",
-                                  headers=headers)
+                                  headers=headers, errors_in_band=False)
     return ctx.with_cookie(response)
 
 
@@ -119,12 +119,13 @@ def _turn_messages(session: Session, req: ChatStreamRequest) -> list[Message]:
 
 
 async def _chunks(gen: Generation, turn: SessionTurn) -> AsyncIterator[bytes]:
-    """The reply so far + EOS mark per event; the session is saved before the body ends, so a
-    client's next turn (on any gateway) already sees this one."""
+    """The reply so far + EOS mark per event; a complete reply is saved before the body ends,
+    so a client's next turn (on any gateway) already sees it. A reply that did not end normally
+    is not saved as one (the response is then left unfinished: gateway/streaming.py)."""
     text = ""
     async for event in gen.events():
         if event.text:
             text += event.text
             yield (text + EOS_MARK).encode()
-    if gen.finish_reason != "error":
+    if gen.finish_reason in NORMAL_ENDS:
         await turn.finish(gen, save=True)

@@ -22,16 +22,20 @@ class SessionContext:
     """One request's gateway state and session (a verified cookie's id, or a fresh one).
 
     `owner` is the id of the API key the request came with ("" without keys): the cookie is
-    signed for it, so a session is invisible to every other key (sessions/cookies.py)."""
+    signed for it, so a session is invisible to every other key (sessions/cookies.py).
+    `set_cookie` is False for a session a RequestHandler names (chatstream/handlers.py)."""
 
     state: GatewayState
     store: SessionStore
     signer: CookieSigner
     sid: str
     owner: str = ""
+    set_cookie: bool = True
 
     def with_cookie(self, response: Response) -> Response:
         """Set (and so slide) the signed session cookie."""
+        if not self.set_cookie:
+            return response
         s = self.state.settings
         response.set_cookie(
             COOKIE_NAME, self.signer.sign(self.sid, self.owner), max_age=int(s.session_ttl),

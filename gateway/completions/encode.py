@@ -1,4 +1,11 @@
-"""The answers of `POST /v1/chat/completions`: SSE chunk events, or one JSON completion."""
+"""The answers of `POST /v1/chat/completions`: SSE chunk events, or one JSON completion.
+
+SSE ids are unique and say how far a client got: `<stream id>:<n>`, where n is the job's event
+number for a content chunk, 0 for the role chunk, the final event's number + 1 for the finish
+chunk and + 2 for the usage chunk. A stream that does not end with `stop` or `length` ends
+with an error event (`data: {"error": {...}}`, no id, so a resume continues from the last
+content) and never with a finish reason; a non-streaming request gets the error's status.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +16,16 @@ from typing import Any
 import orjson
 
 from chatstream_cluster.gateway.errors import APIError
-from chatstream_cluster.gateway.generation import Generation
+from chatstream_cluster.gateway.generation import NORMAL_ENDS, Generation
+from chatstream_cluster.shared.schemas import JobError
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+UNFINISHED = JobError(code="stream_truncated", message="the stream ended before its reply was "
+                      "complete", status=503)
 
 
-def _finish(reason: str | None) -> str | None:
-    return {"cancelled": "stop", "error": "stop"}.get(reason or "", reason)
+def _error(gen: Generation) -> JobError:
+    return gen.error or UNFINISHED
 
 
 def _usage(gen: Generation) -> dict[str, int]:
@@ -58,48 +68,42 @@ class ChunkEncoder:
         body = {**self.head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
         return b"id: %s:%d\ndata: %s\n\n" % (self.event_id, seq, orjson.dumps(body))
 
+    def event(self, payload: dict[str, Any], seq: int) -> bytes:
+        """Any payload with SSE id `<job id>:<seq>` (the usage chunk)."""
+        return b"id: %s:%d\ndata: %s\n\n" % (self.event_id, seq, orjson.dumps(payload))
+
     def data(self, payload: dict[str, Any]) -> bytes:
-        """An event without id (error, usage)."""
+        """An event without id (an error: a resume continues from the last content)."""
         return b"data: %s\n\n" % orjson.dumps(payload)
 
 
 async def sse_events(gen: Generation, model: str, include_usage: bool) -> AsyncIterator[bytes]:
-    """OpenAI chunk events, one per relayed event, then [DONE]."""
+    """OpenAI chunk events, one per relayed event, then [DONE] (module docstring)."""
     enc = ChunkEncoder(gen.job_id, model, int(time.time()))
     if not gen.resuming:
         yield enc.chunk({"role": "assistant", "content": ""}, None, 0)
     async for ev in gen.events():
-        if ev.finish_reason == "error":
-            err = ev.error
-            if ev.text:
-                yield enc.content(ev.text, ev.seq)
-            payload = {
-                "error": {
-                    "message": err.message if err else "generation failed",
-                    "type": "server_error",
-                    "code": err.code if err else None,
-                }
-            }
-            yield enc.data(payload)
-            break
         if ev.text:
             yield enc.content(ev.text, ev.seq)
-        if ev.finish_reason:
-            yield enc.chunk({}, _finish(ev.finish_reason), ev.seq)
-    if include_usage and gen.finish_reason != "error":
-        yield enc.data({**enc.head, "choices": [], "usage": _usage(gen)})
+        if ev.finish_reason in NORMAL_ENDS:
+            yield enc.chunk({}, ev.finish_reason, ev.seq + 1)
+            if include_usage:
+                yield enc.event({**enc.head, "choices": [], "usage": _usage(gen)}, ev.seq + 2)
+    if gen.finish_reason not in NORMAL_ENDS:
+        err = _error(gen)
+        yield enc.data({"error": {"message": err.message, "type": "server_error",
+                                  "param": None, "code": err.code}})
     yield b"data: [DONE]\n\n"
 
 
 async def collect(gen: Generation, model: str) -> dict[str, Any]:
-    async for ev in gen.events():
-        if ev.finish_reason == "error":
-            err = ev.error
-            raise APIError(
-                err.status if err else 500,
-                err.message if err else "generation failed",
-                code=err.code if err else "worker_error",
-            )
+    """The whole completion; raises APIError when the generation did not end normally."""
+    async for _ev in gen.events():
+        pass
+    if gen.finish_reason not in NORMAL_ENDS:
+        err = _error(gen)
+        raise APIError(err.status if 400 <= err.status < 600 else 500, err.message,
+                       code=err.code)
     return {
         "id": "chatcmpl-" + gen.job_id,
         "object": "chat.completion",
@@ -109,7 +113,7 @@ async def collect(gen: Generation, model: str) -> dict[str, Any]:
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": gen.text},
-                "finish_reason": _finish(gen.finish_reason),
+                "finish_reason": gen.finish_reason,
             }
         ],
         "usage": _usage(gen),

@@ -14,7 +14,6 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.exceptions import RedisError
 
 from chatstream_cluster.gateway.auth import require_admin
 from chatstream_cluster.gateway.metrics import (
@@ -24,7 +23,7 @@ from chatstream_cluster.gateway.metrics import (
     set_cluster_gauges,
     set_redis_memory,
 )
-from chatstream_cluster.shared.redis_client import REDIS_ERRORS
+from chatstream_cluster.shared.redis_errors import TRANSIENT_REDIS_ERRORS
 
 log = logging.getLogger("chatstream.gateway")
 
@@ -53,7 +52,7 @@ async def metrics(request: Request) -> Response:
     try:
         set_cluster_gauges(await _status(request))
         set_redis_memory(await request.app.state.gateway.redis.info("memory"))
-    except (*REDIS_ERRORS, RedisError) as exc:
+    except TRANSIENT_REDIS_ERRORS as exc:
         log.warning("metrics: cluster gauges unavailable", extra={"error": str(exc)})
         for gauge in (*CLUSTER_GAUGES, *REDIS_GAUGES):
             gauge.clear()

@@ -2,8 +2,9 @@
 
 `ENDPOINTS` maps ChatStream's API names to (method, path, endpoint); the gateway app mounts all
 of them, and `ChatStreamCluster.append_apis` picks from the same table. Each endpoint calls the
-`ChatStreamAPI` method of the same name on `app.state.chatstream` (set by `append_apis`), else on
-the gateway app's own (gateway/chatstream/api.py has what each one does).
+`ChatStreamAPI` method of the same name on `app.state.chatstream`: the gateway app's own
+`GatewayChatStream`, or the `ChatStreamCluster` of `append_apis` (gateway/chatstream/api.py has
+what each one does).
 """
 
 from __future__ import annotations
@@ -15,16 +16,20 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from chatstream_cluster.gateway.chatstream.api import ChatStreamAPI
+from chatstream_cluster.gateway.chatstream.roles import ClientRoles
 from chatstream_cluster.gateway.state import GatewayState
+from chatstream_cluster.shared.settings import GatewaySettings
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-class _AppChatStream(ChatStreamAPI):
-    """ChatStreamAPI over the gateway app's own state (gateway/app.py's lifespan)."""
+class GatewayChatStream(ChatStreamAPI):
+    """ChatStreamAPI over the gateway app's own state (gateway/app.py's lifespan), with the
+    client roles of `--client-roles-file` (a bad file raises ValueError)."""
 
-    def __init__(self, app: Any) -> None:
-        super().__init__()
+    def __init__(self, app: Any, settings: GatewaySettings | None = None) -> None:
+        path = settings.client_roles_file if settings is not None else ""
+        super().__init__(client_roles=ClientRoles.from_file(path) if path else None)
         self.app = app
 
     async def gateway_state(self) -> GatewayState:
@@ -32,10 +37,10 @@ class _AppChatStream(ChatStreamAPI):
 
 
 def _api(request: Request) -> ChatStreamAPI:
-    """`app.state.chatstream` (set by `ChatStreamCluster.append_apis`), else the app's own."""
+    """`app.state.chatstream` (create_app's, or `ChatStreamCluster.append_apis`'s)."""
     api = getattr(request.app.state, "chatstream", None)
     if api is None:
-        api = request.app.state.chatstream = _AppChatStream(request.app)
+        api = request.app.state.chatstream = GatewayChatStream(request.app)
     return api
 
 

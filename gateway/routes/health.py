@@ -18,16 +18,8 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz")
 @router.head("/readyz", include_in_schema=False)
 async def readyz(request: Request) -> JSONResponse:
-    """Redis answers and at least one worker is live; 503 otherwise, and from SIGTERM on
-    (`draining`), while the gateway still serves for `--shutdown-grace`."""
-    state = request.app.state.gateway
-    await state.workers.refresh()
-    leaving = state.leaving or state.draining
-    ready = state.workers.redis_ok and bool(state.workers.serving) and not leaving
-    body = {
-        "status": "ready" if ready else "not_ready",
-        "redis": state.workers.redis_ok,
-        "workers": len(state.workers.serving),
-        "draining": leaving,
-    }
-    return JSONResponse(body, status_code=200 if ready else 503)
+    """Redis answers, the gateway is subscribed, at least one worker is live, no background
+    task is down and the gateway is not draining nor told to stop (503 from SIGTERM on, while
+    it still serves for `--shutdown-grace`); 503 otherwise."""
+    body = request.app.state.gateway.ready()
+    return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)

@@ -6,7 +6,6 @@ gateway/completions/encode.py. A stream resumes after a lost connection with `La
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -29,6 +28,7 @@ from chatstream_cluster.gateway.generation import (
     run_generation,
 )
 from chatstream_cluster.gateway.request_id import client_request_id
+from chatstream_cluster.gateway.resume import parse_last_event_id
 from chatstream_cluster.gateway.state import GatewayState
 from chatstream_cluster.gateway.streaming import GenerationResponse
 
@@ -46,24 +46,6 @@ def resolve_model(requested: str, state: GatewayState) -> str:
         code="model_not_found",
         param="model",
     )
-
-
-_EVENT_ID = re.compile(r"^([0-9a-f]{32}):([0-9]{1,9})$")
-
-
-def parse_last_event_id(value: str | None) -> tuple[str, int] | None:
-    """`<job id>:<seq>` from an SSE Last-Event-ID header; 400 when malformed."""
-    if not value:
-        return None
-    match = _EVENT_ID.match(value.strip())
-    if not match:
-        raise APIError(
-            400,
-            "Last-Event-ID must be '<stream id>:<event number>' as sent in the stream's id: lines",
-            code="invalid_last_event_id",
-            param="Last-Event-ID",
-        )
-    return match.group(1), int(match.group(2))
 
 
 # The route reads the raw body (limits before parsing), so its schema is declared here; the
@@ -90,15 +72,17 @@ async def chat_completions(request: Request) -> Any:
             code="invalid_last_event_id",
             param="Last-Event-ID",
         )
+    key_id = api_key_id(request)
     gen = Generation(
         state,
         [m.to_chat() for m in req.messages],
         sampling,
         route="openai",
+        owner=f"key:{key_id}" if key_id else "open",
         request_id=client_request_id(request),
         resume=resume,
     )
-    gen.extra_permits = state.admission.extra_permits(api_key_id(request))
+    gen.extra_permits = state.admission.extra_permits(key_id)
     await run_generation(gen, request.receive)
     headers = {"X-Request-ID": gen.request_id}
     if req.stream:

@@ -6,6 +6,8 @@ The hash `Keys.session(sid)` has these fields, and slides its TTL on every acces
   first, without the system prompt, trimmed to the history budget (sessions/history.py);
 - `prompt`: the prompt the worker rendered for the last turn, followed by that turn's reply;
 - `p:<name>`: the session's generation-parameter overrides (JSON values);
+- `role`: the client role a UI pass phrase promoted the session to (gateway/chatstream/roles.py);
+  /clear_context keeps it;
 - `epoch`: bumped by /clear_context, so a turn that ends after a clear does not bring the old
   history back; `created_ms`, `updated_ms`, `last_turn_ms`: wall-clock timestamps.
 
@@ -31,12 +33,11 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from chatstream_cluster.gateway.sessions.history import Message
 from chatstream_cluster.gateway.sessions.params import DEFAULT_PARAMS
 from chatstream_cluster.shared.keys import Keys
-from chatstream_cluster.shared.redis_client import REDIS_ERRORS
+from chatstream_cluster.shared.redis_errors import TRANSIENT_REDIS_ERRORS
 
 log = logging.getLogger("chatstream.gateway")
 
@@ -56,6 +57,7 @@ class Session:
     prompt: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     epoch: str = "0"
+    role: str | None = None
     created_ms: int = 0
     updated_ms: int = 0
 
@@ -137,7 +139,7 @@ class SessionLock:
             try:
                 if not await self.store._lock_refresh(keys=[self.key], args=[self.token, lease_ms]):
                     return  # lost (expired and taken): nothing left to refresh
-            except (*REDIS_ERRORS, RedisError) as exc:
+            except TRANSIENT_REDIS_ERRORS as exc:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
                     raise asyncio.CancelledError() from None  # redis-py may mask a cancel
@@ -153,7 +155,7 @@ class SessionLock:
             await self._task
         try:
             await self.store._lock_release(keys=[self.key], args=[self.token])
-        except (*REDIS_ERRORS, RedisError) as exc:
+        except TRANSIENT_REDIS_ERRORS as exc:
             log.warning("session lock release failed; it expires", extra={"error": str(exc)})
 
 
@@ -207,6 +209,8 @@ class SessionStore:
         if b := fields.get("prompt"):
             session.prompt = b.decode()
         session.epoch = fields.get("epoch", b"0").decode()
+        if b := fields.get("role"):
+            session.role = b.decode()
         session.created_ms = int(fields.get("created_ms", b"0"))
         session.updated_ms = int(fields.get("updated_ms", b"0"))
         for name in DEFAULT_PARAMS:
@@ -244,6 +248,30 @@ class SessionStore:
             pipe.pexpire(key, self.ttl_ms)
             await pipe.execute()
         await self._record_use(sid, owner)
+
+    async def set_role(self, sid: str, role: str) -> None:
+        """Record the client role the session was promoted to."""
+        key = self.keys.session(sid)
+        now = _now_ms()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping={"role": role, "updated_ms": now})
+            pipe.hsetnx(key, "created_ms", now)
+            pipe.pexpire(key, self.ttl_ms)
+            await pipe.execute()
+
+    async def has_history(self, sid: str) -> bool:
+        return bool(await self.redis.hexists(self.keys.session(sid), "history"))
+
+    async def seed_history(self, sid: str, history: list[Message]) -> bool:
+        """Give a session without history this one (a RequestHandler's restore); False when
+        it already has a history."""
+        key = self.keys.session(sid)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(key, "history", orjson.dumps(history))
+            pipe.hsetnx(key, "created_ms", _now_ms())
+            pipe.pexpire(key, self.ttl_ms)
+            seeded, _, _ = await pipe.execute()
+        return bool(seeded)
 
     async def lock(self, sid: str) -> SessionLock | None:
         """Take the session's turn lock; None while another turn holds it."""

@@ -8,8 +8,6 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import RedisError
-
 from chatstream_cluster.gateway.feedback import call_hook
 from chatstream_cluster.gateway.generation import (
     DISCONNECTED_WHILE_STREAMING,
@@ -18,7 +16,7 @@ from chatstream_cluster.gateway.generation import (
 )
 from chatstream_cluster.gateway.sessions.history import Message, plain_render, trim_history
 from chatstream_cluster.gateway.sessions.store import Session, SessionLock, SessionStore
-from chatstream_cluster.shared.redis_client import REDIS_ERRORS
+from chatstream_cluster.shared.redis_errors import TRANSIENT_REDIS_ERRORS
 
 if TYPE_CHECKING:
     from chatstream_cluster.gateway.generation import Generation
@@ -61,17 +59,21 @@ class SessionTurn:
         self.message_id = str(uuid.uuid4())
         self._finishing: asyncio.Task | None = None
 
-    async def finish(self, gen: Generation, save: bool) -> None:
-        """Save the reply (if `save`) and release the lock; the first call wins, and it
-        completes even if the caller is cancelled."""
+    async def finish(self, gen: Generation, save: bool, *, truncated: bool = False) -> None:
+        """Save the reply (if `save`; a `truncated` one is marked so) and release the lock; the
+        first call wins, and it completes even if the caller is cancelled."""
         if self._finishing is None:
-            self._finishing = asyncio.get_running_loop().create_task(self._finish(gen, save))
+            self._finishing = asyncio.get_running_loop().create_task(
+                self._finish(gen, save, truncated)
+            )
         await asyncio.shield(self._finishing)
 
-    async def _finish(self, gen: Generation, save: bool) -> None:
+    async def _finish(self, gen: Generation, save: bool, truncated: bool) -> None:
         try:
             if save:
-                reply = {"role": "assistant", "content": gen.text, "id": self.message_id}
+                reply: Message = {"role": "assistant", "content": gen.text, "id": self.message_id}
+                if truncated:
+                    reply["truncated"] = "true"
                 kept = trim_history([*self.head, *self.base, reply], self.history_chars)
                 prompt = gen.prompt
                 if prompt is None:  # a job continued on another worker returns none
@@ -81,17 +83,21 @@ class SessionTurn:
                 ):
                     log.info("session cleared during the turn: reply not saved",
                              extra=gen.log_ctx)
-        except (*REDIS_ERRORS, RedisError) as exc:
+        except TRANSIENT_REDIS_ERRORS as exc:
             log.warning("could not save the session", extra={**gen.log_ctx, "error": str(exc)})
         finally:
             await self.lock.release()
 
     async def on_close(self, gen: Generation, status: str) -> None:
         """Generation close hook: save or not, release, then the callback with the status
-        (`unknown_error_occurred,<code>: <message>` when it failed)."""
+        (`unknown_error_occurred,<code>: <message>` when it failed).
+
+        A complete reply is saved. A reply the user stopped (the client disconnected while it
+        streamed) is kept as ChatStream keeps it, marked `"truncated"` in the history — never
+        as a complete turn; a failed one leaves the history as it was."""
         kind = status.split(",", 1)[0]
-        save = kind == SUCCESS or (kind == DISCONNECTED_WHILE_STREAMING and bool(gen.text))
-        await self.finish(gen, save)
+        stopped = kind == DISCONNECTED_WHILE_STREAMING and bool(gen.text)
+        await self.finish(gen, kind == SUCCESS or stopped, truncated=stopped)
         if status == UNKNOWN_ERROR:
             err = gen.error
             status += f",{err.code}: {err.message}" if err else ",generation failed"

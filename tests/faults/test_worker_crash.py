@@ -117,14 +117,14 @@ def last_event(redis_url: str, prefix: str, job_id: str) -> TokenEvent | None:
         client.close()
 
 
-def final_event(redis_url: str, prefix: str, job_id: str, within: float) -> TokenEvent:
-    """Wait for the job's stored final event (one with finish_reason) and return it."""
+def park_event(redis_url: str, prefix: str, job_id: str, within: float) -> TokenEvent:
+    """Wait for the event a worker stores when it stops a job unfinished (parked, resumable)."""
 
-    def final() -> TokenEvent | None:
+    def parked() -> TokenEvent | None:
         event = last_event(redis_url, prefix, job_id)
-        return event if event is not None and event.finish_reason else None
+        return event if event is not None and event.parked else None
 
-    return wait_until(final, within, what=f"the final event of job {job_id}")
+    return wait_until(parked, within, what=f"the park event of job {job_id}")
 
 
 def test_killed_worker_streams_continue_on_survivor_exactly(cluster) -> None:  # noqa: ANN001
@@ -245,8 +245,8 @@ def test_client_disconnect_mid_stream_stops_generation_within_1s(cluster) -> Non
                 break
     left = time.monotonic()
     assert job_id
-    ev = final_event(cluster.redis_url, cluster.key_prefix, job_id, within=5)
-    assert ev.finish_reason == "cancelled"
+    ev = park_event(cluster.redis_url, cluster.key_prefix, job_id, within=5)
+    assert ev.finish_reason is None  # stopped, not finished: resumable, never a "stop"
     assert time.monotonic() - left < 1.5
     assert ev.tokens < 100
 
@@ -261,8 +261,8 @@ def test_killed_gateway_stops_generation_and_frees_permit(cluster) -> None:  # n
     job_id = next(iter(job_owner(cluster.redis_url, cluster.key_prefix)))
     gateway.kill()
     killed = time.monotonic()
-    ev = final_event(cluster.redis_url, cluster.key_prefix, job_id, within=5)
-    assert ev.finish_reason == "cancelled"
+    ev = park_event(cluster.redis_url, cluster.key_prefix, job_id, within=5)
+    assert ev.finish_reason is None  # parked: its client may resume on another gateway
     assert time.monotonic() - killed < 2.5
     wait_until(
         lambda: sem_counts(cluster.redis_url, cluster.key_prefix) == (0, 0),

@@ -220,11 +220,14 @@ def test_admin_rule_by_client_address() -> None:
 
 def test_paths_are_classified_default_deny() -> None:
     assert {classify(p) for p in ("/healthz", "/readyz", "/healthz/", "/openapi.json")} == {OPEN}
-    assert {classify(p) for p in ("/admin/status", "/admin", "/admin/x/y", "/metrics",
+    # The browser pages hold no data: the ops page's figures come from /admin/* endpoints.
+    assert {classify(p) for p in ("/", "/chatstream.js", "/ui/style.css", "/admin",
+                                  "/admin/")} == {OPEN}
+    assert {classify(p) for p in ("/admin/status", "/admin/history", "/admin/x/y", "/metrics",
                                   "/metrics/")} == {ADMIN}
-    assert {classify(p) for p in ("/v1/chat/completions", "/chat_stream", "/", "/x",
-                                  "/healthzz", "/v1/../admin/status", "//admin/status",
-                                  "/METRICS")} == {API}
+    assert {classify(p) for p in ("/v1/chat/completions", "/chat_stream", "/x", "/ui",
+                                  "/adminx", "/healthzz", "/v1/../admin/status",
+                                  "//admin/status", "/METRICS")} == {API}
     # /v1/../admin/status is not normalised by the router either: it is a 404 behind the keys.
 
 

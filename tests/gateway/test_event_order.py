@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from chatstream_cluster.gateway.event_order import EventOrder
-from chatstream_cluster.shared.schemas import TokenEvent, Usage
+from chatstream_cluster.shared.schemas import TokenEvent
 
 
 def ev(seq: int, text: str = "", finish: str | None = None) -> TokenEvent:
@@ -72,15 +72,3 @@ def test_a_resume_starts_after_the_last_event_seen() -> None:
     order.take(ev(7))
     order.take(ev(8))
     assert drain(order) == [8]
-
-
-def test_a_stale_cancel_before_a_resume_point_is_relayed_as_plain_text() -> None:
-    order = EventOrder(next_seq=3, stale_cancel_upto=4)
-    cancelled = ev(4, "half ", finish="cancelled").model_copy(update={"usage": Usage()})
-    order.take(ev(3))
-    order.take(cancelled)
-    order.take(ev(5, finish="cancelled"))
-    first, second, third = order.pop(), order.pop(), order.pop()
-    assert (first.seq, second.seq, third.seq) == (3, 4, 5)
-    assert second.finish_reason is None and second.usage is None and second.text == "half "
-    assert third.finish_reason == "cancelled"  # a cancel after the resume point is real

@@ -7,9 +7,8 @@ waits in the queue, a client that closes mid-stream, a worker that fails the job
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
+import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,49 +17,15 @@ from urllib.parse import unquote
 import httpx
 import pytest
 from fastapi import FastAPI
+from fastapi.testclient import TestClient
 
+from chatstream_cluster import RequestHandler
+from chatstream_cluster.gateway.chatstream import constructor
 from chatstream_cluster.gateway.library import ChatStreamCluster
-from chatstream_cluster.shared.procs import die_with_parent, settings_env
-from chatstream_cluster.shared.redis_server import free_port
 from chatstream_cluster.shared.schemas import ChatMessage
 from chatstream_cluster.worker.mock_engine import mock_reply, render_prompt
-from tests.cluster import ROOT, Proc, wait_until
 
 EOS = "<::EOS::>"
-
-
-@pytest.fixture
-def start_app(cluster, redis_url: str, key_prefix: str, tmp_path: Path):  # noqa: ANN001, ANN201
-    """Start library_app under real uvicorn with these gateway settings; wait for a worker."""
-
-    def start(workers: int = 1, **settings: Any) -> Proc:
-        port = free_port()
-        values = {"redis_url": redis_url, "key_prefix": key_prefix,
-                  "session_secret": "library-test-secret", **settings}
-        log_path = tmp_path / f"library-app-{port}.log"
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "tests.gateway.library_app:app",
-                 "--host", "127.0.0.1", "--port", str(port)],
-                cwd=ROOT, env={**os.environ, **settings_env(values)}, stdout=log,
-                stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
-            )
-        app = Proc("library_app", process, log_path, port, values)
-        cluster.procs.append(app)  # stopped with the cluster
-
-        def ready() -> bool:
-            if not app.alive():
-                raise RuntimeError(f"library app exited:\n{app.log()[-3000:]}")
-            try:
-                load = httpx.get(app.url + "/get_load", timeout=5).json()
-            except httpx.HTTPError:
-                return False
-            return len(load.get("chatstream_workers", [])) >= workers
-
-        wait_until(ready, 90, interval=0.1, what="library app with live workers")
-        return app
-
-    return start
 
 
 async def poll(check: Callable[[], Any], within: float = 20) -> Any:
@@ -224,6 +189,33 @@ def test_append_apis_options_follow_chatstream() -> None:
         select({"include": ["get_everything"]})
 
 
+def test_append_apis_mounts_the_web_ui_with_chatstreams_params() -> None:
+    chat = ChatStreamCluster(redis_url="redis://127.0.0.1:1/0", session_secret="s")
+    app = FastAPI()
+    chat.append_apis(app, {"all": True, "web_ui_params": {
+        "title": "Support <bot>", "welcomeMessage": "Hi! Ask me.", "clearContextOnReload": False,
+        "style_opts": {"button_label_regenerate": "Again", "ai_icon_url": "https://x/i.png"},
+    }})
+    client = TestClient(app)  # not started: the pages need no Redis
+    page = client.get("/").text
+    config = json.loads(re.search(r'id="chatstream-config">(.*?)</script>', page).group(1))
+    assert (config["title"], config["welcomeMessage"]) == ("Support <bot>", "Hi! Ask me.")
+    assert config["clearContextOnReload"] is False and config["labels"] == {"regenerate": "Again"}
+    assert "<title>Support &lt;bot&gt;</title>" in page and "i.png" not in page
+    assert client.get("/chatstream.js").status_code == 200
+    assert client.get("/ui/style.css").status_code == 200
+
+    def serves_ui(opts: dict[str, Any] | None) -> bool:
+        other = FastAPI()
+        chat.append_apis(other, opts)
+        return TestClient(other).get("/").status_code == 200
+
+    assert serves_ui(None) and serves_ui({"include": ["webui_index", "webui_js", "chat_stream"]})
+    assert serves_ui({"exclude": ["set_feedback"]})
+    assert not serves_ui({"exclude": ["webui_index"]})
+    assert not serves_ui({"include": ["chat_stream"]}) and not serves_ui({})
+
+
 def test_chatstream_constructor_arguments_carry_over() -> None:
     chat = ChatStreamCluster(redis_url="redis://127.0.0.1:1/0", session_secret="s",
                              num_of_concurrent_executions=3, max_queue_size=9,
@@ -234,7 +226,67 @@ def test_chatstream_constructor_arguments_carry_over() -> None:
     assert chat.default_params == {"temperature": 0.5, "top_k_value": 10, "top_p_value": 1.0}
     with pytest.raises(TypeError, match="runs in the cluster's workers"):
         ChatStreamCluster(model=object(), tokenizer=object())
+    for name in ("seed", "token_sampler", "repetition_penalty", "probe_mode_enabled"):
+        with pytest.raises(TypeError, match=f"{name}: not supported"):
+            ChatStreamCluster(**{name: 1})
+    for name in ("name", "logger", "locale", "too_many_request_as_http_error"):
+        ChatStreamCluster(session_secret="s", **{name: "x"})  # accepted, ignored
     with pytest.raises(TypeError, match="unknown settings"):
         ChatStreamCluster(max_queu=5)
     with pytest.raises(ValueError, match="temperature"):
         ChatStreamCluster(temperature=3.0)
+
+
+# ChatStream 0.3.0's constructor signature, every argument (chatstream/chat_stream.py).
+CHATSTREAM_ARGUMENTS = [
+    "name", "model", "tokenizer", "token_sampler", "num_gpus", "device",
+    "num_of_concurrent_executions", "max_queue_size", "too_many_request_as_http_error",
+    "use_mock_response", "mock_params", "chat_prompt_clazz", "max_new_tokens", "context_len",
+    "temperature", "top_k", "top_p", "repetition_penalty", "repetition_penalty_method",
+    "add_special_tokens", "request_handler", "logger", "locale", "client_roles", "seed",
+    "probe_mode_enabled",
+]
+
+
+def test_every_chatstream_argument_has_an_answer() -> None:
+    """Kept, ignored with a reason, or refused naming the replacement; none unknown, and the
+    gateway's own (client_roles, request_handler) are never blamed on the workers."""
+    handled = {*constructor.RENAMED, *constructor.PARAMS, *constructor.IGNORED,
+               *constructor.REFUSED, "client_roles", "request_handler"}
+    assert set(CHATSTREAM_ARGUMENTS) == handled
+    for name, reason in constructor.REFUSED.items():
+        with pytest.raises(TypeError) as raised:
+            ChatStreamCluster(session_secret="s", **{name: object()})
+        assert str(raised.value) == f"{name}: {reason}"
+    assert "--device cuda:N" in constructor.REFUSED["device"]
+    assert "--model mock" in constructor.REFUSED["use_mock_response"]
+    roles = {"user": {"apis": {"allow": "all", "auth_method": "nothing", "use_session": True}}}
+    chat = ChatStreamCluster(session_secret="s", client_roles=roles,
+                             request_handler=RequestHandler())
+    assert chat.access is not None and chat.request_handler is not None
+
+
+def test_request_handler_and_roles_errors_name_the_fix(tmp_path: Path) -> None:
+    class ChatStreamStyleHandler:
+        async def process_request(self, request, request_body, streaming_finished_callback):  # noqa: ANN001, ANN202
+            return None
+
+    with pytest.raises(TypeError, match="run the model themselves.*cluster.RequestHandler"):
+        ChatStreamCluster(session_secret="s", request_handler=ChatStreamStyleHandler())
+    with pytest.raises(TypeError, match="subclass chatstream_cluster.RequestHandler"):
+        ChatStreamCluster(session_secret="s", request_handler=object())
+
+    class SimpleSessionRequestHandler:  # ChatStream's default: the built-in cookie session
+        pass
+
+    chat = ChatStreamCluster(session_secret="s", request_handler=SimpleSessionRequestHandler())
+    assert chat.request_handler is None
+    with pytest.raises(ValueError, match="unknown auth_method None"):
+        ChatStreamCluster(session_secret="s", client_roles={"x": {"apis": {"allow": "all"}}})
+    path = tmp_path / "roles.json"
+    path.write_text('{"user": {"apis": {"allow": ["get_load"], "auth_method": "nothing", '
+                    '"use_session": true}}}')
+    chat = ChatStreamCluster(session_secret="s", client_roles_file=str(path))
+    assert chat.access.roles.browser_default.name == "user"
+    with pytest.raises(TypeError, match="not both"):
+        ChatStreamCluster(session_secret="s", client_roles_file=str(path), client_roles={})

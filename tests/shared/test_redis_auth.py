@@ -25,7 +25,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError
 
 from chatstream_cluster.gateway.errors import APIError
-from chatstream_cluster.gateway.routes.openai import parse_last_event_id
+from chatstream_cluster.gateway.generation import ResumePoint
+from chatstream_cluster.gateway.resume import parse_last_event_id
 from chatstream_cluster.gateway.security import redis_error
 from chatstream_cluster.shared.keys import Keys, UnsafeIdError, safe_id
 from chatstream_cluster.shared.redis_client import make_pubsub_redis, make_redis, redact_url
@@ -247,7 +248,7 @@ def test_hostile_ids_never_become_key_names() -> None:
 
 def test_hostile_last_event_ids_are_rejected_before_any_key() -> None:
     good = "0123456789abcdef0123456789abcdef"
-    assert parse_last_event_id(f"{good}:7") == (good, 7)
+    assert parse_last_event_id(f"{good}:7") == ResumePoint(good, 7)
     assert parse_last_event_id("") is None  # no header: not a resume
     for hostile in (*HOSTILE[1:], f"{good}:-1", f"{good}:1:2", f"../{good}:1", f"{good}x:1",
                     f"{good}:99999999999", f"{good.upper()}:1", f"{good}:1\r\nX: y"):

@@ -66,9 +66,9 @@ async def test_capacity_zero_admits_nobody(sem: RedisSemaphore) -> None:
     assert await sem.counts() == (0, 1)
 
 
-async def test_refresh_counts_only_held(sem: RedisSemaphore) -> None:
+async def test_refresh_reports_the_permits_not_held(sem: RedisSemaphore) -> None:
     assert await sem.try_acquire("a", 1, 5) == ACQUIRED
     assert await sem.try_acquire("b", 1, 5) == waiting(0)
-    assert await sem.refresh(["a", "b", "c"]) == 1
+    assert await sem.refresh(["a", "b", "c"]) == ["b", "c"]
     await sem.leave("b")
     assert await sem.counts() == (1, 0)

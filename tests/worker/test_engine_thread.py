@@ -54,16 +54,17 @@ class RecordingLoop:
         self.wakes: list[dict[str, str]] = []
 
     def call_soon_threadsafe(self, callback, *args) -> None:  # noqa: ANN001
-        with self.worker._pending_lock:
-            self.wakes.append({jid: p.text for jid, p in self.worker._pending.items()})
-            self.worker._pending.clear()  # what the publisher would take
+        publisher = self.worker.publisher
+        with publisher._lock:
+            self.wakes.append({jid: p.text for jid, p in publisher._pending.items()})
+            publisher._pending.clear()  # what the publisher would take
 
 
 def run_engine_thread(steps: list[list[StepOutput]], interval: float) -> list[dict[str, str]]:
     settings = WorkerSettings(redis_url="redis://127.0.0.1:1/0", stream_interval=interval)
     worker = Worker(settings, ScriptedEngine(steps))
     loop = RecordingLoop(worker)
-    worker._loop = loop  # type: ignore[assignment]
+    worker._loop = worker.publisher._loop = loop  # type: ignore[assignment]
     thread = threading.Thread(target=worker._engine_main)
     thread.start()
     deadline = time.monotonic() + 5
@@ -113,7 +114,7 @@ def test_the_interval_bounds_how_long_text_waits() -> None:
     settings = WorkerSettings(redis_url="redis://127.0.0.1:1/0", stream_interval=0.05)
     worker = Worker(settings, SlowEngine(steps))
     loop = RecordingLoop(worker)
-    worker._loop = loop  # type: ignore[assignment]
+    worker._loop = worker.publisher._loop = loop  # type: ignore[assignment]
     thread = threading.Thread(target=worker._engine_main)
     thread.start()
     time.sleep(0.8)
@@ -135,7 +136,7 @@ def test_a_slow_stream_is_never_held_back() -> None:
     settings = WorkerSettings(redis_url="redis://127.0.0.1:1/0", stream_interval=0.03)
     worker = Worker(settings, PacedEngine(steps))
     loop = RecordingLoop(worker)
-    worker._loop = loop  # type: ignore[assignment]
+    worker._loop = worker.publisher._loop = loop  # type: ignore[assignment]
     thread = threading.Thread(target=worker._engine_main)
     thread.start()
     time.sleep(0.5)
