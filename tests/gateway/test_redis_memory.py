@@ -176,8 +176,9 @@ def test_sessions_per_key_are_capped_least_recently_used_first(env) -> None:  # 
 #: members they purge, the job stream by its consumers, the dead letters by MAXLEN, the
 #: feedback by MAXLEN and MINID, the session indexes by --max-sessions-per-key.
 UNEXPIRING = ("sem:", "jobs", "jobs:dead", "workers", "gateways", "feedback", "sessions:")
-#: Keys that expire: sessions and their locks, job meta and events, registry entries.
-EXPIRING = ("session:", "job:", "worker:", "gateway:")
+#: Keys that expire: sessions and their locks, job meta and events, registry entries, the ops
+#: page's per-minute stats buckets.
+EXPIRING = ("session:", "job:", "worker:", "gateway:", "stats:")
 
 
 def test_every_key_the_cluster_writes_expires_or_is_bounded(env) -> None:  # noqa: ANN001
