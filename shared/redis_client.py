@@ -7,6 +7,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from chatstream_cluster.shared.redis_reads import lag_tolerant
+
 
 def make_redis(
     url: str, *, max_connections: int = 256, socket_timeout: float = 5.0,
@@ -34,6 +36,8 @@ def make_redis(
                     supported_errors=(RedisConnectionError,)),
         retry_on_error=[RedisConnectionError],
     )
+    # A short socket_timeout must not fail calls whose reply a busy event loop read late.
+    pool.connection_class = lag_tolerant(pool.connection_class)
     client = aioredis.Redis(connection_pool=pool)
     client.auto_close_connection_pool = True
     return client
