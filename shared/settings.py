@@ -194,8 +194,8 @@ class GatewaySettings(CommonSettings):
     redis_timeout: float = Field(
         0.8, gt=0, le=60,
         description="Seconds one Redis command may take before the request answers 503; a "
-        "request waits for at most two in a row when Redis stops answering (a busy gateway's "
-        "event loop may delay a reply by a few hundred ms: keep this well above that).",
+        "request waits for at most two in a row when Redis stops answering. A reply that a busy "
+        "event loop reads late does not count (shared/redis_reads.py).",
     )
     # --- what clients may store in Redis ---
     max_sessions_per_key: int = Field(

@@ -22,12 +22,13 @@ async def test_a_reply_read_late_by_a_busy_loop_is_not_a_timeout(redis_url: str)
     client = make_redis(redis_url, socket_timeout=TIMEOUT)
     conn = await client.connection_pool.get_connection()
     try:
-        await conn.send_command("PING")
         reply = asyncio.ensure_future(conn.read_response())
-        await asyncio.sleep(0)  # the read starts: its timer is armed, the PONG on its way
+        await asyncio.sleep(0)  # the read starts waiting: its timer is armed
         assert not reply.done()
-        # The loop is busy past the deadline (as in a burst of requests): the PONG is there
-        # long before, but the timer fires in the same turn as the read.
+        # Send PING and, without yielding, keep the loop busy past the deadline (as a burst
+        # of requests does): the PONG is there long before, but the loop sees it in the same
+        # turn as the timer.
+        conn._writer.write(b"*1\r\n$4\r\nPING\r\n")  # noqa: SLF001 - a write with no yield
         time.sleep(2 * TIMEOUT)  # noqa: ASYNC251 - blocking the loop is what is tested
         assert await reply == b"PONG"
         assert conn.is_connected
