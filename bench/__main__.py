@@ -1,6 +1,7 @@
 """`make bench`: run the benchmark scenarios, print a table, write JSON.
 
-Usage: python -m bench [--scenarios engine,e2e,relay,many,soak] [--out bench/results/bench.json]
+Usage: python -m bench [--scenarios engine,stall,e2e,relay,many,soak]
+                       [--out bench/results/bench.json]
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import psutil
 
-SCENARIOS = ("engine", "e2e", "relay", "many", "soak")
+SCENARIOS = ("engine", "stall", "e2e", "relay", "many", "soak")
 
 
 def _run(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -23,6 +24,10 @@ def _run(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 
         rows = run_engine_bench(model=args.model, new_tokens=args.new_tokens)
         return [{"scenario": "engine", **row} for row in rows]
+    if name == "stall":
+        from bench.stall import run_stall_bench
+
+        return run_stall_bench(model=args.model)
     if name == "e2e":
         from bench.e2e import run_e2e_bench
 

@@ -30,15 +30,17 @@ def render_table(status: dict) -> str:
         f"queue_depth {status['queue_depth']} (waiting for a permit "
         f"{status['waiting_for_permit']}, not yet read by a worker "
         f"{status['undelivered_jobs']})   running {status['running']}/{status['capacity']}"
-        f"   gateways {len(status['gateways'])}   workers {len(status['workers'])}",
+        f"   gateways {len(status['gateways'])}   workers {len(status['workers'])}"
+        f"   waiting in workers {status.get('waiting_in_workers', 0)}",
         "",
         f"{'ID':<28} {'PID':>7} {'HOST':<16} {'MODEL':<12} {'DEVICE':<8} {'RUN':>4} "
-        f"{'MAX':>4} {'TOK/S':>8} {'BEAT_S':>6}  STATE",
+        f"{'MAX':>4} {'WAIT':>4} {'KV_TOKENS':>15} {'TOK/S':>8} {'BEAT_S':>6}  STATE",
     ]
     for w in status["workers"]:
         lines.append(
             f"{w['id'][:28]:<28} {w['pid']:>7} {w['host'][:16]:<16} {w['model'][:12]:<12} "
             f"{w['device'][:8]:<8} {w['running']:>4} {w['max_batch']:>4} "
+            f"{w.get('waiting', 0):>4} {_kv(w):>15} "
             f"{w['tokens_per_s']:>8} {w['last_heartbeat_s']:>6}  "
             + w.get("state", "draining" if w.get("draining") else "serving")
         )
@@ -47,6 +49,12 @@ def render_table(status: dict) -> str:
     if "last_minute" in status:
         lines[1:1] = [render_last_minute(status["last_minute"])]
     return "\n".join(lines)
+
+
+def _kv(worker: dict) -> str:
+    """KV cache tokens reserved / total, '-' for an engine without one (mock)."""
+    total = worker.get("kv_tokens_total", 0)
+    return f"{worker.get('kv_tokens_used', 0)}/{total}" if total else "-"
 
 
 def render_last_minute(m: dict) -> str:

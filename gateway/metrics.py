@@ -30,6 +30,16 @@ CAPACITY = Gauge(
     registry=REGISTRY,
 )
 WORKERS = Gauge("chatstream_workers", "Live workers.", ["scope"], registry=REGISTRY)
+WAITING_IN_WORKERS = Gauge(
+    "chatstream_waiting_in_workers",
+    "Requests inside workers waiting for a batch slot or KV cache, cluster-wide.", ["scope"],
+    registry=REGISTRY,
+)
+KV_USAGE = Gauge(
+    "chatstream_kv_cache_usage_ratio",
+    "Share of a worker's KV cache reserved by its running requests (0-1).", ["worker"],
+    registry=REGISTRY,
+)
 # The last minute, summed over every gateway through Redis (shared/ops_stats.py): the figures
 # of /admin/status's `last_minute` and of the ops page.
 LAST_MINUTE_TOKENS = Gauge(
@@ -47,8 +57,9 @@ LAST_MINUTE_REJECTED = Gauge(
     "Requests refused by admission over the last minute, cluster-wide, by reason.",
     ["scope", "reason"], registry=REGISTRY,
 )
-CLUSTER_GAUGES = (QUEUE_DEPTH, RUNNING, CAPACITY, WORKERS, LAST_MINUTE_TOKENS, LAST_MINUTE_TTFT,
-                  LAST_MINUTE_REJECTED)
+CLUSTER_GAUGES = (QUEUE_DEPTH, RUNNING, CAPACITY, WORKERS, WAITING_IN_WORKERS, KV_USAGE,
+                  LAST_MINUTE_TOKENS,
+                  LAST_MINUTE_TTFT, LAST_MINUTE_REJECTED)
 
 REJECTED = Counter(
     "chatstream_rejected_total", "Requests refused by admission, by reason.", ["reason"],
@@ -121,6 +132,11 @@ def set_cluster_gauges(status: dict[str, Any]) -> None:
     RUNNING.labels(scope="cluster").set(status["running"])
     CAPACITY.labels(scope="cluster").set(status["capacity"])
     WORKERS.labels(scope="cluster").set(len(status["workers"]))
+    WAITING_IN_WORKERS.labels(scope="cluster").set(status["waiting_in_workers"])
+    KV_USAGE.clear()  # a worker that left takes its series with it
+    for w in status["workers"]:
+        if w["kv_tokens_total"]:
+            KV_USAGE.labels(worker=w["id"]).set(w["kv_tokens_used"] / w["kv_tokens_total"])
     minute = status.get("last_minute")
     if minute is None:
         return

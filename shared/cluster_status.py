@@ -10,7 +10,10 @@ ChatStream's /get_load and `chatstream status`.
 - `gateways`: the live gateways and the admission settings each enforces.
 - `workers`: the live workers, sorted by id; one that missed its heartbeats for
   `--worker-ttl` is gone from the list. Each has a `state`: `draining`, `stale` (no heartbeat
-  for `STALE_AFTER_S`: three of the default one-second heartbeats missed) or `serving`.
+  for `STALE_AFTER_S`: three of the default one-second heartbeats missed) or `serving`, and
+  reports `waiting` (requests inside it that wait for a batch slot or KV cache) and
+  `kv_tokens_used`/`kv_tokens_total` (its KV cache).
+- `waiting_in_workers`: the workers' `waiting`, summed.
 - `last_minute`: cluster-wide tokens/s, TTFT p50/p99 and rejections by reason over the last
   minute, summed from what every gateway counted (shared/ops_stats.py).
 """
@@ -59,6 +62,9 @@ async def cluster_status(redis: aioredis.Redis, keys: Keys) -> dict[str, Any]:
             "max_batch": w.max_batch,
             "draining": w.draining,
             "tokens_per_s": w.tokens_per_s,
+            "waiting": w.waiting,
+            "kv_tokens_used": w.kv_tokens_used,
+            "kv_tokens_total": w.kv_tokens_total,
             "last_heartbeat_s": round(age, 3),
             "state": worker_state(w.draining, age),
         }
@@ -79,6 +85,7 @@ async def cluster_status(redis: aioredis.Redis, keys: Keys) -> dict[str, Any]:
              "last_heartbeat_s": round(age, 3)}
             for g, age in gateways
         ],
+        "waiting_in_workers": sum(w["waiting"] for w in workers),
         "workers": workers,
         "last_minute": await OpsStats(redis, keys).last_minute(),
     }

@@ -146,6 +146,9 @@ class WorkerInfo(BaseModel):
     gpus: list[dict[str, Any]] = Field(default_factory=list)
     cpu: dict[str, Any] = Field(default_factory=dict)
     tokens_per_s: float = 0.0
+    waiting: int = 0  # requests inside the worker not yet running (no batch slot or KV cache)
+    kv_tokens_used: int = 0  # KV cache tokens reserved by running requests
+    kv_tokens_total: int = 0  # KV cache size in tokens (0: the engine has none, e.g. mock)
 
 
 class GatewayInfo(BaseModel):

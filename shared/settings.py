@@ -66,6 +66,33 @@ class WorkerSettings(CommonSettings):
         description="Threads for torch's CPU math; 0 = auto: the CPU cores minus one (at least "
         "1) on --device cpu, leaving a core for the worker's I/O, Redis and the gateway.",
     )
+    kv_cache_memory: int = Field(
+        0, ge=0,
+        description="Bytes of KV cache, allocated once at start; 0 = auto: on CUDA what "
+        "--gpu-memory-utilization leaves after the model and a profiled step, on CPU enough "
+        "for --max-batch sequences of --max-model-len tokens, at most 512 MiB.",
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1.0,
+        description="On CUDA with --kv-cache-memory 0: the share of the device's memory the "
+        "worker may use (model, activations and KV cache).",
+    )
+    max_model_len: int = Field(
+        0, ge=0,
+        description="Longest sequence (prompt + reply) in tokens; 0 = the model's context, "
+        "clamped to what the KV cache holds. A longer prompt is a 400; a reply stops there.",
+    )
+    prefill_chunk_tokens: int = Field(
+        0, ge=0,
+        description="Most prompt tokens prefilled per engine step, mixed with that step's "
+        "decodes, so a long prompt never stalls running streams; 0 = auto (256 on CPU, 2048 "
+        "on CUDA).",
+    )
+    kv_layout: Literal["auto", "paged", "rows"] = Field(
+        "auto",
+        description="KV cache layout: paged blocks, or rows in virtual memory (CPU, Linux); "
+        "auto = rows on CPU, paged elsewhere.",
+    )
     stream_interval: float = Field(
         0.02, ge=0, le=1.0,
         description="Seconds a sequence's new text may wait to be sent with the next tokens "

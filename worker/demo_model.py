@@ -17,8 +17,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from chatstream_cluster.worker.detokenizer import bytes_to_unicode
-
 DEMO_NAME = "demo-llama-v1"
 DEMO_SEED = 1234
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
@@ -125,3 +123,17 @@ def _build_into(folder: Path) -> None:
 def demo_suppressed_tokens() -> list[int]:
     """Token ids the demo model never generates: non-printable bytes, specials and EOS."""
     return [b for b in range(256) if b not in PRINTABLE_BYTES] + [BOS_ID, EOS_ID, PAD_ID]
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (what ByteLevel BPE uses)."""
+    bs = list(range(ord("!"), ord("~") + 1))
+    bs += list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}

@@ -1,8 +1,9 @@
 """The contract between the worker loop and a generation engine (HF model or mock).
 
 The loop owns one engine thread that calls `step()` while `has_work()`; `submit()` and
-`cancel()` are called from the asyncio thread and must be thread-safe (engines keep an inbox
-that `step()` drains first). An engine never touches Redis.
+`cancel()` are called from other threads and must be thread-safe (engines keep an inbox that
+`step()` drains first). When `step()` raises, the loop calls `reset()` and hands the requests
+it names to another attempt. An engine never touches Redis.
 """
 
 from __future__ import annotations
@@ -50,6 +51,21 @@ class StepOutput:
     extra: dict = field(default_factory=dict)
 
 
+class UnsupportedModel(ValueError):
+    """The engine cannot serve this model (or these settings) correctly; the message says why.
+    Raised at start-up, so the worker exits with it instead of serving wrong text."""
+
+
+@dataclass
+class EngineLoad:
+    """What an engine reports in the worker's heartbeat: requests waiting inside it (for a
+    batch slot or KV cache) and the KV cache's tokens in use (reserved) and in total."""
+
+    waiting: int = 0
+    kv_tokens_used: int = 0
+    kv_tokens_total: int = 0
+
+
 class Engine(Protocol):
     """A generation engine that runs all its active sequences together."""
 
@@ -58,7 +74,8 @@ class Engine(Protocol):
     max_context: int
 
     def submit(self, request: GenerationRequest) -> None:
-        """Queue a request; it joins the batch at the next step (thread-safe)."""
+        """Queue a request; it joins the batch at the next step (thread-safe). It may render
+        and tokenize the prompt first: call it off the event loop and off the engine thread."""
 
     def cancel(self, request_id: str) -> None:
         """Drop a request at the next step; it ends with finish_reason "cancelled"
@@ -69,6 +86,13 @@ class Engine(Protocol):
 
     def step(self) -> list[StepOutput]:
         """Run one step for every active sequence; called from the engine thread only."""
+
+    def reset(self) -> list[str]:
+        """After `step()` raised: drop every request and free what they held (KV cache);
+        returns their ids, which get no further output (engine thread only)."""
+
+    def load(self) -> EngineLoad:
+        """Requests waiting inside the engine and KV cache use (any thread)."""
 
     def close(self) -> None:
         """Free the model and any background resources."""

@@ -25,6 +25,11 @@ def make_engine(settings: WorkerSettings) -> Engine:
         dtype=settings.dtype,
         cache_dir=settings.model_cache_dir or None,
         threads=torch_threads(settings),
+        kv_cache_memory=settings.kv_cache_memory,
+        max_model_len=settings.max_model_len,
+        prefill_chunk_tokens=settings.prefill_chunk_tokens,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        kv_layout=settings.kv_layout,
     )
 
 
@@ -50,3 +55,6 @@ def warm_up(engine: Engine, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while engine.has_work() and time.monotonic() < deadline:
         engine.step()
+    faults = getattr(engine, "faults", None)
+    if faults is not None:  # test-only fault injection counts from the first real step
+        faults.armed = True

@@ -41,12 +41,25 @@ from chatstream_cluster.shared.schemas import (
 )
 from chatstream_cluster.shared.settings import WorkerSettings
 from chatstream_cluster.shared.supervise import Supervisor
-from chatstream_cluster.worker.engine_api import Engine, GenerationRequest, StepOutput
+from chatstream_cluster.worker.engine_api import (
+    Engine,
+    EngineLoad,
+    GenerationRequest,
+    StepOutput,
+)
 from chatstream_cluster.worker.publisher import ActiveJob, Publisher
 from chatstream_cluster.worker.resources import resource_snapshot
 
 log = logging.getLogger("chatstream.worker")
 MAX_TAKEOVERS = 4  # a job whose workers keep dying is failed, not retried forever
+MAX_STEP_FAILURES = 3  # failed engine steps in a row before the worker gives up and exits
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """torch.OutOfMemoryError (CUDA) or the CPU allocator's error, without importing torch."""
+    text = str(exc)
+    return (type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text
+            or "can't allocate memory" in text)
 
 
 @dataclass
@@ -231,16 +244,17 @@ class Worker:
                     code="too_many_attempts",
                     message=f"the job was taken over from {MAX_TAKEOVERS} failed workers")))
             return
-        self.engine.submit(
-            GenerationRequest(
-                request_id=spec.job_id,
-                messages=spec.messages,
-                sampling=spec.sampling,
-                resume_text=text,
-                resume_tokens=tokens,
-                return_prompt=spec.return_prompt and attempt == 1,
-            )
+        request = GenerationRequest(
+            request_id=spec.job_id,
+            messages=spec.messages,
+            sampling=spec.sampling,
+            resume_text=text,
+            resume_tokens=tokens,
+            return_prompt=spec.return_prompt and attempt == 1,
         )
+        await asyncio.to_thread(self.engine.submit, request)  # renders and tokenizes
+        if job.dropping:  # cancelled while it was being rendered: the engine had not seen it
+            self.engine.cancel(spec.job_id)
         self._engine_wake.set()
         log.debug("job started", extra=ctx)
 
@@ -269,6 +283,7 @@ class Worker:
         last_sent: dict[str, float] = {}  # job -> when its output last went to the publisher
         held: set[str] = set()  # jobs with output the publisher has not been woken for
         held_since: float | None = None
+        failures = 0  # failed steps in a row
         while not self._stop_engine.is_set():
             if not self.engine.has_work():
                 if held:
@@ -280,14 +295,12 @@ class Worker:
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception:  # noqa: BLE001 - a broken step must not kill the worker silently
-                log.exception("engine step failed", extra={"worker_id": self.id})
-                outputs = [
-                    StepOutput(jid, finish_reason="error", error=JobError(
-                        code="engine_error", message="the worker's engine failed"))
-                    for jid in list(self.active)
-                ]
-                time.sleep(0.1)
+                failures = 0
+            except Exception as exc:  # noqa: BLE001 - a broken step must not kill the worker silently
+                failures += 1
+                if self._after_failed_step(exc, failures):
+                    return
+                continue
             if not outputs and held_since is None:
                 continue
             self.publisher.coalesce(outputs)
@@ -307,6 +320,43 @@ class Worker:
             for out in outputs:
                 if out.finish_reason:
                     last_sent.pop(out.request_id, None)
+
+    def _after_failed_step(self, exc: Exception, failures: int) -> bool:
+        """A step raised: reset the engine and hand its jobs to another attempt (the path a
+        worker crash takes: unacknowledged, they are reclaimed and continue from the text
+        already sent). Returns True when the failure is fatal: `MAX_STEP_FAILURES` in a row,
+        an engine that cannot reset, or an out-of-memory error on a single request."""
+        log.error("engine step failed", exc_info=exc,
+                  extra={"worker_id": self.id, "failures_in_a_row": failures})
+        fatal = failures >= MAX_STEP_FAILURES
+        try:
+            dropped = self.engine.reset()
+        except Exception:  # noqa: BLE001
+            log.exception("engine reset failed", extra={"worker_id": self.id})
+            dropped, fatal = [], True
+        if _is_out_of_memory(exc) and len(dropped) <= 1:
+            fatal = True  # even one request does not fit: retrying here cannot help
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._hand_over, dropped, fatal)
+        return fatal
+
+    def _hand_over(self, job_ids: list[str], fatal: bool) -> None:
+        """Let go of jobs the engine dropped (asyncio thread): no longer touched, their entries
+        go idle and a worker reclaims them; fatal: the worker stops taking jobs and exits."""
+        if fatal:
+            job_ids = list(self.active)
+        for jid in job_ids:
+            job = self.active.pop(jid, None)
+            if job is None:
+                continue
+            self.publisher.forget(jid)  # unsent text: the next attempt regenerates it
+            log.warning("job handed over after an engine failure",
+                        extra={"job_id": jid, "attempt": job.attempt, "worker_id": self.id})
+        self._slot_free.set()
+        if fatal:
+            log.error("engine keeps failing: leaving the cluster", extra={"worker_id": self.id})
+            self.engine_failed = True
+            self.drain()
 
     # --- the publisher's host (worker/publisher.py's JobHost) ----------------------------------
     def drop(self, job: ActiveJob) -> None:
@@ -333,12 +383,14 @@ class Worker:
     def info(self) -> WorkerInfo:
         """This worker's registry entry."""
         gpus, cpu = resource_snapshot(self.settings.device)
+        load = self.engine.load() if hasattr(self.engine, "load") else EngineLoad()
         return WorkerInfo(
             id=self.id, pid=os.getpid(), host=socket.gethostname(), model=self.engine.model_name,
             device=self.settings.device, max_batch=self.engine.max_batch,
             running=len(self.active), max_context=self.engine.max_context,
             started_ms=self.started_ms, draining=self._draining.is_set(), gpus=gpus, cpu=cpu,
-            tokens_per_s=round(self.stats.tokens_per_s(), 1),
+            tokens_per_s=round(self.stats.tokens_per_s(), 1), waiting=load.waiting,
+            kv_tokens_used=load.kv_tokens_used, kv_tokens_total=load.kv_tokens_total,
         )
 
     async def _heartbeat_loop(self) -> None:

@@ -8,6 +8,7 @@ import signal
 
 from chatstream_cluster.shared.logs import setup_logging
 from chatstream_cluster.shared.settings import WorkerSettings
+from chatstream_cluster.worker.engine_api import UnsupportedModel
 from chatstream_cluster.worker.factory import make_engine, warm_up
 from chatstream_cluster.worker.loop import Worker
 
@@ -15,8 +16,13 @@ log = logging.getLogger("chatstream.worker")
 
 
 async def serve(settings: WorkerSettings) -> int:
-    """Run one worker until SIGTERM/SIGINT, then drain; the exit code (1: the engine died)."""
-    engine = await asyncio.to_thread(make_engine, settings)
+    """Run one worker until SIGTERM/SIGINT, then drain; the exit code (1: the engine died or
+    kept failing, 2: the model or its settings cannot be served, with the reason logged)."""
+    try:
+        engine = await asyncio.to_thread(make_engine, settings)
+    except UnsupportedModel as exc:
+        log.error("cannot serve this model: %s", exc, extra={"model": settings.model})
+        return 2
     await asyncio.to_thread(warm_up, engine)
     worker = Worker(settings, engine)
     loop = asyncio.get_running_loop()

@@ -20,7 +20,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from chatstream_cluster.shared.schemas import JobError
-from chatstream_cluster.worker.engine_api import GenerationRequest, StepOutput
+from chatstream_cluster.worker.engine.faults import FaultPlan
+from chatstream_cluster.worker.engine_api import EngineLoad, GenerationRequest, StepOutput
 
 WORDS = (
     "the cluster streams tokens to many users at once while workers share one queue and "
@@ -94,6 +95,7 @@ class MockEngine:
         # Paced mode: (when the next token is due, tie-break, sequence), earliest first.
         self._schedule: list[tuple[float, int, _Sequence]] = []
         self._order = 0
+        self.faults = FaultPlan.from_env()  # test only: worker/engine/faults.py
 
     def submit(self, request: GenerationRequest) -> None:
         with self._lock:
@@ -110,6 +112,20 @@ class MockEngine:
 
     def close(self) -> None:
         self._wake.set()
+
+    def reset(self) -> list[str]:
+        """Drop every request (after a failed step); returns their ids."""
+        with self._lock:
+            dropped = [r.request_id for r in self._inbox] + list(self._active)
+            self._inbox.clear()
+            self._cancelled.clear()
+            self._active.clear()
+            self._schedule.clear()
+        return dropped
+
+    def load(self) -> EngineLoad:
+        """Requests not yet admitted; the mock has no KV cache."""
+        return EngineLoad(waiting=len(self._inbox))
 
     def _admit(self, out: list[StepOutput]) -> None:
         with self._lock:
@@ -195,7 +211,10 @@ class MockEngine:
         self._sleep_until_due()
         self._admit(out)
         now = time.monotonic()
-        for seq in self._due_sequences(now):
+        due_now = self._due_sequences(now)
+        if due_now and self.faults is not None:
+            self.faults.before_forward()
+        for seq in due_now:
             rid = seq.request.request_id
             if seq.prompt_tokens >= self.max_context:
                 del self._active[rid]

@@ -120,6 +120,12 @@ class Publisher:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._dirty.set)
 
+    def forget(self, job_id: str) -> None:
+        """Drop a job's unsent output (its job was handed to another attempt, which
+        regenerates it from what was sent)."""
+        with self._lock:
+            self._pending.pop(job_id, None)
+
     def emit(self, out: StepOutput) -> None:
         """Coalesce one output and start a round."""
         self.coalesce([out])

@@ -112,12 +112,12 @@ def test_table_shows_the_numbers_and_every_worker(busy_cluster) -> None:  # noqa
     assert "running 1/3" in out
     assert "workers 1" in out
     header = next(line for line in out.splitlines() if line.startswith("ID"))
-    assert header.split() == ["ID", "PID", "HOST", "MODEL", "DEVICE", "RUN", "MAX", "TOK/S",
-                              "BEAT_S", "STATE"]
+    assert header.split() == ["ID", "PID", "HOST", "MODEL", "DEVICE", "RUN", "MAX", "WAIT",
+                              "KV_TOKENS", "TOK/S", "BEAT_S", "STATE"]
     row = next(line for line in out.splitlines() if line.startswith(worker.settings["worker_id"]))
     cells = row.split()
     assert cells[1] == str(worker.pid)
-    assert cells[3:7] == ["mock", "cpu", "1", "4"]
+    assert cells[3:9] == ["mock", "cpu", "1", "4", "0", "-"]  # the mock has no KV cache
     assert cells[-1] == "serving"
 
 

@@ -42,6 +42,7 @@ class StreamReader(threading.Thread):
         self.status = 0
         self.done = threading.Event()
         self.started_text = threading.Event()
+        self.body_extra: dict = {}  # fields to add to the request (e.g. another model)
 
     def run(self) -> None:
         body = {
@@ -49,6 +50,7 @@ class StreamReader(threading.Thread):
             "messages": [{"role": "user", "content": self.content}],
             "stream": True,
             "max_tokens": self.max_tokens,
+            **self.body_extra,
         }
         try:
             with httpx.stream(

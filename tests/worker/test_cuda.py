@@ -99,7 +99,22 @@ def test_device_index_pins_that_gpu(model_dir: str, index: int) -> None:
         assert {p.device for p in engine.model.parameters()} == {device}
         assert torch.cuda.current_device() == index
         run(engine, req("r", "pinned", max_tokens=4))
-        assert {t.device for t in engine._store.kv if t is not None} == {device}
+        assert {t.device for t in (*engine.kv.k, *engine.kv.v)} == {device}
+        assert engine.kv.block_tables.device == device
+    finally:
+        engine.close()
+
+
+def test_kv_cache_is_paged_and_sized_from_device_memory(model_dir: str) -> None:
+    engine = HFEngine(model_dir, device="cuda:0", max_batch=4, gpu_memory_utilization=0.3)
+    try:
+        assert engine.kv.layout == "paged"
+        free, total = torch.cuda.mem_get_info(0)
+        kv_bytes = sum(t.numel() * t.element_size() for t in (*engine.kv.k, *engine.kv.v))
+        assert 0 < kv_bytes <= 0.3 * total
+        assert engine.max_context == 2048  # the demo's context fits
+        texts = run(engine, req("a", "paged", temperature=0, max_tokens=8))
+        assert len(texts["a"]) == 8
     finally:
         engine.close()
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from chatstream_cluster.worker.demo_model import build_demo_tokenizer
-from chatstream_cluster.worker.detokenizer import (
-    ByteLevelDetokenizer,
+from chatstream_cluster.worker.engine.detokenizer import (
     PrefixDiffDetokenizer,
+    StreamDetokenizer,
     make_detokenizer,
     split_stop,
 )
@@ -32,7 +32,7 @@ def test_one_byte_token_at_a_time_never_splits_a_character(tokenizer, kind: str)
     assert len(ids) == len(TEXT.encode())  # byte tokens: multi-byte characters are cut
     if kind == "auto":
         detok = make_detokenizer(tokenizer)
-        assert isinstance(detok, ByteLevelDetokenizer)
+        assert isinstance(detok, StreamDetokenizer)  # tokenizers' DecodeStream
     else:
         detok = PrefixDiffDetokenizer(tokenizer)
     chunks = _stream(detok, ids)
@@ -58,11 +58,27 @@ def test_several_ids_at_once_and_truncated_character_on_flush(tokenizer) -> None
     assert detok.flush() == "\ufffd"  # the sequence ended inside a character
 
 
-def test_prefix_ids_give_context_but_are_not_emitted(tokenizer) -> None:
+@pytest.mark.parametrize("kind", [StreamDetokenizer, PrefixDiffDetokenizer])
+def test_prefix_ids_give_context_but_are_not_emitted(tokenizer, kind) -> None:  # noqa: ANN001
     prompt = tokenizer.encode("prompt: ", add_special_tokens=False)
-    detok = PrefixDiffDetokenizer(tokenizer, prompt)
+    detok = kind(tokenizer, prompt)
     ids = tokenizer.encode("ça", add_special_tokens=False)
     assert "".join(_stream(detok, ids)) == "ça"
+
+
+def test_stream_detokenizer_keeps_sentencepiece_spaces() -> None:
+    """A Metaspace (SentencePiece-style) tokenizer: the word-initial space survives."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "▁hello": 1, "▁world": 2, "▁": 3, "h": 4}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    detok = make_detokenizer(fast, [1])  # the prompt ends in "hello"
+    assert isinstance(detok, StreamDetokenizer)
+    assert "".join(_stream(detok, [2, 2])) == " world world"
 
 
 @pytest.mark.parametrize(

@@ -192,3 +192,25 @@ def test_return_prompt_on_first_output(engine: HFEngine) -> None:
     res = run(engine, r)["p"]
     assert res.outputs[0].prompt == "<s><|user|>\nhi\n<|assistant|>\n"
     assert all(o.prompt is None for o in res.outputs[1:])
+
+
+def test_prompts_are_rendered_by_the_submitter_not_the_engine_thread(
+    engine: HFEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    renders: list[int] = []
+    real = engine.tokenizer.apply_chat_template
+
+    def recording(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        renders.append(threading.get_ident())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.tokenizer, "apply_chat_template", recording)
+    engine.submit(req("r", "rendered here", max_tokens=3))
+    assert renders and set(renders) == {threading.get_ident()}
+    renders.clear()
+    stepper = threading.Thread(target=lambda: run(engine))
+    stepper.start()
+    stepper.join(60)
+    assert renders == []  # the engine thread only ran the model

@@ -1,6 +1,7 @@
 """LlamaFastForward against the model's own HF forward, on Llama variants the demo model does
-not cover (GQA, q/k/v/o and MLP biases, tied embeddings, a non-default RoPE), across KV cache
-growth; batched prefill of prompts of different lengths; the per-step prefill budget."""
+not cover (GQA, q/k/v/o and MLP biases, tied embeddings, a non-default RoPE), over a long
+generation; prompts of different lengths together; chunked prefill mixed with decode; the two
+KV layouts; what the fast path refuses."""
 
 from __future__ import annotations
 
@@ -11,11 +12,10 @@ import pytest
 import torch
 
 from chatstream_cluster.shared.schemas import ChatMessage, SamplingParams
-from chatstream_cluster.worker import engine as engine_module
 from chatstream_cluster.worker.demo_model import build_demo_tokenizer, demo_suppressed_tokens
 from chatstream_cluster.worker.engine import HFEngine
+from chatstream_cluster.worker.engine.llama_forward import supports_fast_forward
 from chatstream_cluster.worker.engine_api import GenerationRequest
-from chatstream_cluster.worker.llama_forward import supports_fast_forward
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +88,9 @@ def test_fast_forward_matches_hf_forward_on_a_variant(
     assert run(fast, *requests) == run(slow, *requests)
 
 
-def test_generation_across_kv_cache_growth(engines: tuple[HFEngine, HFEngine]) -> None:
+def test_long_generation_fast_equals_hf(engines: tuple[HFEngine, HFEngine]) -> None:
     fast, slow = engines
-    request = req("grow", "grow the cache", temperature=0, max_tokens=300)  # past 256 columns
+    request = req("grow", "a long reply", temperature=0, max_tokens=300)
     a, b = run(fast, request)["grow"], run(slow, request)["grow"]
     assert len(a) == 300 and a == b
 
@@ -110,26 +110,49 @@ def test_batched_prefill_of_mixed_lengths_equals_one_at_a_time(demo_model_dir: s
     assert together == alone
 
 
-def test_prefill_budget_splits_admission_across_steps(demo_model_dir: str) -> None:
-    engine = HFEngine(demo_model_dir, max_batch=4)
+def test_long_prompt_is_prefilled_in_chunks_while_others_decode(demo_model_dir: str) -> None:
+    engine = HFEngine(demo_model_dir, max_batch=4, prefill_chunk_tokens=8)
+    whole = HFEngine(demo_model_dir, max_batch=4, prefill_chunk_tokens=4096)
     try:
-        one = len(engine.render(req("r", "same length"))[0])
-        assert engine.prefill_budget == engine_module.PREFILL_BUDGET["cpu"]
-        engine.prefill_budget = 2 * one
-        for i in range(4):
-            engine.submit(req(f"r{i}", "same length", max_tokens=3))
-        first = {o.request_id for o in engine.step()}
-        assert first == {"r0", "r1"} and engine.running == 2 and engine.waiting == 2
-        second = {o.request_id for o in engine.step()}
-        assert second == {"r0", "r1", "r2", "r3"} and engine.running == 4
-        # A prompt over the budget on its own is still admitted (one per step at least).
-        engine.prefill_budget = 1
-        run(engine)
-        engine.submit(req("big", "a prompt longer than the budget", max_tokens=2))
-        assert [o.request_id for o in engine.step()] == ["big"]
-        run(engine)
+        long = req("long", "a prompt of some sixty tokens, prefilled in chunks", temperature=0,
+                   max_tokens=5)
+        n = len(engine.render(long)[0])
+        engine.submit(req("run", "x", temperature=0, max_tokens=200))
+        while not engine.step():  # until "run" has its first token: it decodes from now on
+            pass
+        engine.submit(long)
+        steps_to_first = 0
+        outs: dict = {}
+        while "long" not in outs and steps_to_first < 100:
+            steps_to_first += 1
+            outs = {o.request_id: o for o in engine.step()}
+            assert "run" in outs  # the running stream gets a token every step
+        assert steps_to_first == -(-n // 8)  # ceil(n / 8) chunks, one per step
+        rest = run(engine)
+        assert engine.kv.tokens_used == 0
+        chunked = outs["long"].text + rest.get("long", "")
+        assert chunked == run(whole, long)["long"]
     finally:
         engine.close()
+        whole.close()
+
+
+def test_rows_and_paged_layouts_agree(demo_model_dir: str) -> None:
+    requests = [
+        req("g", "greedy", temperature=0, max_tokens=30),
+        req("s", "seeded sampling", seed=11, top_p=0.9, max_tokens=30),
+        req("k", "a longer prompt than the others, in the same batch", seed=2, top_k=5,
+            max_tokens=30),
+    ]
+    texts = []
+    for layout in ("rows", "paged"):
+        engine = HFEngine(demo_model_dir, max_batch=4, kv_layout=layout, prefill_chunk_tokens=16)
+        assert engine.kv.layout == layout
+        try:
+            texts.append(run(engine, *requests))
+        finally:
+            engine.close()
+    assert texts[0] == texts[1]
 
 
 def test_supports_fast_forward_rejects_other_shapes(engines: tuple[HFEngine, HFEngine]) -> None:
@@ -142,3 +165,19 @@ def test_supports_fast_forward_rejects_other_shapes(engines: tuple[HFEngine, HFE
         assert not supports_fast_forward(fast.model)
     finally:
         config.model_type = saved
+    # A projection that is not a plain float nn.Linear (a quantized layer's packed weights)
+    # must never be concatenated as if it were.
+    attn = fast.model.model.layers[1].self_attn
+
+    class PackedLinear(torch.nn.Module):
+        def __init__(self, linear: torch.nn.Linear) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(linear.weight.data.to(torch.int8),
+                                             requires_grad=False)
+
+    saved_proj = attn.k_proj
+    try:
+        attn.k_proj = PackedLinear(saved_proj)
+        assert not supports_fast_forward(fast.model)
+    finally:
+        attn.k_proj = saved_proj

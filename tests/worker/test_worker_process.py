@@ -90,3 +90,49 @@ def test_prompt_longer_than_context_is_a_400_with_both_numbers(
         timeout=60,
     )
     assert ok.status_code == 200
+
+
+def test_a_model_the_engine_cannot_serve_is_refused_at_start(cluster, demo_model_dir) -> None:  # noqa: ANN001
+    worker = cluster.start_worker(demo_model_dir, max_model_len=99999)
+    assert worker.wait(120) == 2
+    assert "cannot serve this model" in worker.log()
+    assert "longer than the model's context (2048)" in worker.log()
+
+
+def test_kv_use_and_requests_waiting_inside_the_worker_are_reported(
+    cluster, demo_model_dir: str  # noqa: ANN001
+) -> None:
+    """Two streams reserve the whole KV cache (prompt + max_tokens each); a third waits inside
+    the worker: /admin/status and /metrics say so, per worker."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.cluster import wait_until
+    from tests.faults.test_worker_crash import StreamReader
+
+    token_bytes = 4 * 2 * 256 * 4  # the demo model's keys and values per token
+    worker = cluster.start_worker(demo_model_dir, max_batch=4, kv_cache_memory=680 * token_bytes)
+    gateway = cluster.start_gateway()
+    cluster.wait_ready(gateway, timeout=120)
+    readers = [StreamReader(gateway.url, f"kv {i}", 300) for i in range(3)]
+    for r in readers:
+        r.body_extra = {"model": demo_model_dir}
+        r.start()
+    wid = worker.settings["worker_id"]
+
+    def full() -> dict | None:
+        status = httpx.get(gateway.url + "/admin/status", timeout=5).json()
+        w = next((w for w in status["workers"] if w["id"] == wid), None)
+        if w and w["waiting"] == 1 and w["kv_tokens_used"] == w["kv_tokens_total"] == 672:
+            return status
+        return None
+
+    status = wait_until(full, 60, interval=0.1, what="a full KV cache and a waiting request")
+    assert status["waiting_in_workers"] == 1
+    text = httpx.get(gateway.url + "/metrics", timeout=5).text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert ("chatstream_kv_cache_usage_ratio", (("worker", wid),)) in samples
+    assert ("chatstream_waiting_in_workers", (("scope", "cluster"),)) in samples
+    for r in readers:
+        assert r.done.wait(120)
+        assert r.errors == [] and r.finish == "length"

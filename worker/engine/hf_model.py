@@ -53,6 +53,30 @@ def max_context(config: Any, tokenizer: Any) -> int:
     return 2048
 
 
+def is_quantized(model: Any) -> bool:
+    """True for a quantized checkpoint (bitsandbytes, GPTQ, AWQ, torchao, ...)."""
+    config = getattr(model, "config", None)
+    return bool(
+        getattr(model, "hf_quantizer", None)
+        or getattr(model, "is_quantized", False)
+        or getattr(config, "quantization_config", None)
+    )
+
+
+def layer_windows(config: Any) -> list[int | None]:
+    """Each layer's sliding window (None: full attention), from the config as transformers
+    reads it: `layer_types` where the config has them, else `sliding_window` on every layer
+    (Mistral, Phi-3) unless `use_sliding_window` is off."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types:
+        return [window if kind == "sliding_attention" else None for kind in types]
+    if window and getattr(config, "use_sliding_window", True):
+        return [window] * config.num_hidden_layers
+    return [None] * config.num_hidden_layers
+
+
 def eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     """Every token id that ends a sequence (generation config and tokenizer)."""
     eos: set[int] = set()
