@@ -1,8 +1,8 @@
 """`chatstream`: the command line of ChatStream Cluster.
 
 Subcommands: `gateway`, `worker`, `up` (local all-in-one), `status` (ops view of the queue),
-`healthcheck` (for container health checks). Every setting is a flag and a `CHATSTREAM_*` env
-var; `chatstream <command> --help` lists them.
+`feedback` (export the feedback stream), `healthcheck` (for container health checks). Every
+setting is a flag and a `CHATSTREAM_*` env var; `chatstream <command> --help` lists them.
 """
 
 from __future__ import annotations
@@ -68,6 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--watch", action="store_true", help="refresh in place every --interval")
     st.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
 
+    fb = sub.add_parser(
+        "feedback", help="export the /set_feedback stream as JSON lines",
+        description="Write the feedback entries (oldest first) as JSON lines; the stream is "
+        "trimmed to --feedback-max-entries and --feedback-retention, so export more often "
+        "than that. The last id goes to stderr, for the next --after.",
+        formatter_class=fmt,
+    )
+    add_settings_arguments(fb, CommonSettings)
+    fb.add_argument("--after", default="", help="export only entries after this id")
+    fb.add_argument("--out", default="", help="append to this file (default: stdout)")
+
     hc = sub.add_parser(
         "healthcheck", help="exit 0 when a gateway or a worker is healthy", formatter_class=fmt
     )
@@ -94,6 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(settings_from_args(UpSettings, args))
     if args.command == "status":
         from chatstream_cluster.status import main as run
+
+        return run(settings_from_args(CommonSettings, args), args)
+    if args.command == "feedback":
+        from chatstream_cluster.feedback_export import main as run
 
         return run(settings_from_args(CommonSettings, args), args)
     if args.command == "healthcheck":

@@ -62,6 +62,15 @@ def worker_devices(settings: UpSettings) -> list[str]:
     return [settings.device] * count
 
 
+def scrub_settings_env() -> None:
+    """Drop the `CHATSTREAM_*` variables from this process's environment once the settings are
+    read: each child then gets only the settings (and so the secrets) meant for it, through its
+    own `env`. The workers and the embedded Redis never see the API keys, the admin key or the
+    session secret that `up` was started with; the gateway gets them from its own `env`."""
+    for name in [n for n in os.environ if n.startswith("CHATSTREAM_")]:
+        del os.environ[name]
+
+
 @dataclass
 class Child:
     """A supervised child process and its restart backoff."""
@@ -114,7 +123,8 @@ class LocalCluster:
             redis_url = self.redis.url
             log.info("embedded redis cluster (no persistence)", extra={"url": redis_url})
         elif not redis_url:
-            self.redis = RedisServer(Path(s.data_dir) / "redis", appendonly=True).start()
+            self.redis = RedisServer(Path(s.data_dir) / "redis", appendonly=True,
+                                     maxmemory=s.redis_maxmemory).start()
             redis_url = self.redis.url
             log.info("embedded redis", extra={"url": redis_url})
         cli = [sys.executable, "-m", "chatstream_cluster.cli"]
@@ -180,7 +190,7 @@ class LocalCluster:
         for child in self.children:
             if child.alive():
                 child.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.settings.drain_timeout + 5
+        deadline = time.monotonic() + self.settings.shutdown_grace + self.settings.drain_timeout + 5
         for child in self.children:
             if child.process is None:
                 continue
@@ -200,6 +210,7 @@ def main(settings: UpSettings) -> int:
 
     setup_logging(settings.log_level, settings.log_format, component="up")
     check_startup(settings, warn=False)  # exits 2 before starting anything; the gateway warns
+    scrub_settings_env()
     cluster = LocalCluster(settings)
 
     def _on_signal(signum: int, _frame: object) -> None:

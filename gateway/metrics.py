@@ -107,6 +107,23 @@ for _reason in ("client_disconnected", "no_worker", "redis_unavailable"):
     TRUNCATED.labels(reason=_reason)
 for _outcome in ("attached", "requeued", "replayed", "expired", "not_found"):
     RESUMES.labels(outcome=_outcome)
+HTTP_REFUSED = Counter(
+    "chatstream_http_refused_total",
+    "Connections the HTTP layer answered itself and closed, by reason (gateway/http_limits.py).",
+    ["reason"], registry=REGISTRY,
+)
+REDIS_USED_MEMORY = Gauge(
+    "chatstream_redis_used_memory_bytes", "Memory Redis uses (INFO memory used_memory).",
+    ["scope"], registry=REGISTRY,
+)
+REDIS_MAXMEMORY = Gauge(
+    "chatstream_redis_maxmemory_bytes", "Redis's maxmemory; 0 = no limit.", ["scope"],
+    registry=REGISTRY,
+)
+REDIS_GAUGES = (REDIS_USED_MEMORY, REDIS_MAXMEMORY)
+for _reason in ("headers_too_large", "header_too_large", "url_too_long", "header_timeout",
+                "body_timeout", "too_many_connections", "invalid_http"):
+    HTTP_REFUSED.labels(reason=_reason)
 
 
 def set_cluster_gauges(status: dict[str, Any]) -> None:
@@ -130,3 +147,9 @@ def set_cluster_gauges(status: dict[str, Any]) -> None:
             LAST_MINUTE_TTFT.labels(scope="cluster", quantile=quantile).set(minute[key])
     for reason, count in minute["rejected"].items():
         LAST_MINUTE_REJECTED.labels(scope="cluster", reason=reason).set(count)
+
+
+def set_redis_memory(info: dict[str, Any]) -> None:
+    """Copy an `INFO memory` reply into the scope="cluster" Redis memory gauges."""
+    REDIS_USED_MEMORY.labels(scope="cluster").set(int(info.get("used_memory", 0)))
+    REDIS_MAXMEMORY.labels(scope="cluster").set(int(info.get("maxmemory", 0)))

@@ -34,6 +34,9 @@ from chatstream_cluster.shared.supervise import Supervisor
 
 log = logging.getLogger("chatstream.gateway")
 
+# Waiting for a pooled connection in a burst is queueing, not an outage: allowed longer than
+# one command (--redis-timeout), which bounds how long a frozen Redis holds each connection.
+REDIS_POOL_WAIT_S = 5.0
 GATEWAY_HEARTBEAT_S = 1.0
 GATEWAY_TTL_S = 5.0
 
@@ -46,7 +49,8 @@ class GatewayState:
         self.keys = Keys(settings.key_prefix)
         self.gateway_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.started_ms = int(time.time() * 1000)
-        self.redis = make_redis(settings.redis_url)
+        self.redis = make_redis(settings.redis_url, socket_timeout=settings.redis_timeout,
+                                pool_timeout=REDIS_POOL_WAIT_S)
         self.queue = JobQueue(self.redis, self.keys, partitions=settings.queue_partitions)
         self.states = JobStates(self.redis, self.keys)
         self.registry = WorkerRegistry(self.redis, self.keys)
@@ -65,7 +69,8 @@ class GatewayState:
         self.ops_recorder = OpsRecorder(self.ops_stats, self.semaphore, self.queue)
         self.background: set[asyncio.Task] = set()  # per-request cleanups
         self.supervisor = Supervisor(lambda name, _exc: TASK_FAILURES.labels(task=name).inc())
-        self.draining = False
+        self.draining = False  # refusing new generations (shutting down)
+        self.leaving = False  # SIGTERM seen: /readyz 503, still serving (--shutdown-grace)
 
     def served_models(self) -> list[str]:
         """Model names requests may ask for: the live workers' models and the configured alias."""
@@ -108,16 +113,17 @@ class GatewayState:
 
     def ready(self) -> dict[str, Any]:
         """Readiness: Redis answers, a worker is live, no background task is down, not
-        draining."""
+        draining, and no SIGTERM seen (not ready during --shutdown-grace, still serving)."""
         down = dict(self.supervisor.down)
-        ok = (self.workers.fresh() and bool(self.workers.serving) and not self.draining
+        leaving = self.leaving or self.draining
+        ok = (self.workers.fresh() and bool(self.workers.serving) and not leaving
               and not down and self.dispatcher.connected.is_set())
         return {
             "status": "ready" if ok else "not_ready",
             "redis": self.workers.redis_ok,
             "subscribed": self.dispatcher.connected.is_set(),
             "workers": len(self.workers.serving),
-            "draining": self.draining,
+            "draining": leaving,
             "tasks_down": down,
         }
 

@@ -67,9 +67,10 @@ class WorkerCache:
         return sorted({w.model for w in self.serving})
 
     async def wait_for_worker(self, timeout: float) -> None:
-        """Return once a serving worker is known; else 503 (Redis down or no worker)."""
+        """Return once a serving worker is known; else 503: at once when Redis is down, after
+        `timeout` when no worker is."""
         deadline = time.monotonic() + timeout
-        while not (self.redis_ok and self.serving):
+        while self.redis_ok and not self.serving:  # Redis down: waiting cannot help, 503 now
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break

@@ -122,6 +122,11 @@ class Keys:
         """Key held while one turn of the session runs."""
         return self._k("session", safe_id(session_id), "lock")
 
+    def session_index(self, owner: str) -> str:
+        """Sorted set: session id -> last use (ms) of one API key's sessions (`owner` is the
+        key's id, `anon` without keys); bounds how many sessions a key keeps."""
+        return self._k("sessions", safe_id(owner))
+
     @property
     def feedback(self) -> str:
         """Stream of /set_feedback entries."""

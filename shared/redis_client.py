@@ -10,11 +10,12 @@ import re
 
 import redis.asyncio as aioredis
 
-from chatstream_cluster.shared.redis_topology import make_client, parse_redis_url
+from chatstream_cluster.shared.redis_topology import make_client, parse_redis_url, tls_defaults
 
 
 def make_redis(
-    url: str, *, max_connections: int = 256, socket_timeout: float = 5.0
+    url: str, *, max_connections: int = 256, socket_timeout: float = 5.0,
+    pool_timeout: float | None = None,
 ) -> aioredis.Redis:
     """An asyncio client with bounded retries, so a Redis outage fails fast instead of hanging.
 
@@ -22,7 +23,8 @@ def make_redis(
     cluster it is a `RedisCluster` (same command API; `max_connections` per node).
     """
     return make_client(
-        url, max_connections=max_connections, socket_timeout=socket_timeout, connect_timeout=1.0
+        url, max_connections=max_connections, socket_timeout=socket_timeout, connect_timeout=1.0,
+        pool_timeout=pool_timeout,
     )
 
 
@@ -34,7 +36,8 @@ def make_pubsub_redis(url: str) -> aioredis.Redis:
     """
     if parse_redis_url(url).kind == "single":
         return aioredis.Redis.from_url(
-            url, socket_timeout=None, socket_connect_timeout=2.0, health_check_interval=10
+            url, socket_timeout=None, socket_connect_timeout=2.0, health_check_interval=10,
+            **tls_defaults(url),
         )
     return make_client(url, max_connections=4, socket_timeout=None, connect_timeout=2.0)
 

@@ -87,6 +87,8 @@ class RedisServer:
         appendfsync: str = "everysec",
         extra_args: tuple[str, ...] = (),
         binary: str | None = None,
+        maxmemory: str = "0",
+        maxmemory_policy: str = "noeviction",
     ) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
@@ -97,6 +99,9 @@ class RedisServer:
         self.extra_args = tuple(extra_args)  # e.g. cluster mode, replicaof (redis_local.py)
         self.binary = binary
         self.config_file: str | None = None  # a config file to load first (a sentinel's)
+        # noeviction: past maxmemory, writes fail; no key (a permit, a queued job) is evicted.
+        self.maxmemory = maxmemory
+        self.maxmemory_policy = maxmemory_policy
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -126,6 +131,10 @@ class RedisServer:
             "no",
             "--loglevel",
             "warning",
+            "--maxmemory",
+            self.maxmemory,
+            "--maxmemory-policy",
+            self.maxmemory_policy,
         ]
         if self.password:
             args += ["--requirepass", self.password]

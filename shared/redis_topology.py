@@ -20,7 +20,7 @@ import asyncio
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qs, parse_qsl, unquote, urlsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -37,6 +37,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from chatstream_cluster.shared.redis_reads import lag_tolerant
 from chatstream_cluster.shared.replica_wait import ReplicaWait
 
 Kind = Literal["single", "cluster", "sentinel"]
@@ -237,8 +238,27 @@ class NewestConfigSentinel(Sentinel):
         return best["ip"], best["port"]
 
 
+def tls_defaults(url: str) -> dict[str, Any]:
+    """For a rediss:// URL: verify the server's certificate and host name, whatever the
+    installed redis-py's own defaults are.
+
+    A query parameter of the URL still wins (redis-py's `from_url` lets the URL override
+    keyword arguments): `?ssl_cert_reqs=none` turns verification off, and then no host name
+    is checked either, `?ssl_check_hostname=false` only the host name check."""
+    scheme, _, _, query, _ = urlsplit(url)
+    if "rediss" not in scheme.lower().split("+"):
+        return {}
+    cert_reqs = parse_qs(query).get("ssl_cert_reqs", ["required"])[-1]
+    return {"ssl_cert_reqs": "required", "ssl_check_hostname": cert_reqs.lower() != "none"}
+
+
 def _retry() -> Retry:
-    return Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=1)
+    # A broken pooled connection (Redis restarted) is worth one retry; a timeout is not: a
+    # Redis that did not answer in `socket_timeout` will not answer the retry either, and the
+    # retry would double how long a request waits for its 503 (Retry's default
+    # `supported_errors` include TimeoutError; `retry_on_error` only adds to them).
+    return Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=1,
+                 supported_errors=(RedisConnectionError,))
 
 
 def _sentinel(
@@ -256,7 +276,8 @@ def _sentinel(
 
 
 def make_client(
-    url: str, *, max_connections: int, socket_timeout: float | None, connect_timeout: float
+    url: str, *, max_connections: int, socket_timeout: float | None, connect_timeout: float,
+    pool_timeout: float | None = None,
 ) -> aioredis.Redis | RedisCluster:
     """An asyncio client for `url`: pooled, bounded retries, failing fast when Redis is down."""
     topo = parse_redis_url(url)
@@ -265,14 +286,19 @@ def make_client(
         "socket_connect_timeout": connect_timeout,
         "health_check_interval": 15,
         "retry": _retry(),
-        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+        "retry_on_error": [RedisConnectionError],
+        **tls_defaults(url),
     }
     if topo.kind == "single":
         # A blocking pool: a burst of more than `max_connections` calls waits for a free
-        # connection (up to the socket timeout) instead of failing with "Too many connections".
+        # connection (up to `pool_timeout`, default the socket timeout) instead of failing with
+        # "Too many connections".
         pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=socket_timeout, **common
+            url, max_connections=max_connections,
+            timeout=socket_timeout if pool_timeout is None else pool_timeout, **common
         )
+        # A short socket_timeout must not fail calls whose reply a busy event loop read late.
+        pool.connection_class = lag_tolerant(pool.connection_class)
         client = aioredis.Redis(connection_pool=pool)
         client.auto_close_connection_pool = True
         return client
@@ -287,6 +313,8 @@ def make_client(
             **common,
             **topo.auth(),
         )
+    common.pop("ssl_cert_reqs", None)  # the sentinel connection classes take TLS from the URL
+    common.pop("ssl_check_hostname", None)
     client = _sentinel(topo, socket_timeout, connect_timeout).master_for(
         topo.master_name,
         redis_class=aioredis.Redis,

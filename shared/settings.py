@@ -205,6 +205,63 @@ class GatewaySettings(CommonSettings):
         True, description="Serve the ops page at /admin (its figures want --admin-key, like "
         "/admin/status); --no-ops-page turns it off.",
     )
+    shutdown_grace: float = Field(
+        5.0, ge=0, le=600,
+        description="On SIGTERM, /readyz answers 503 for this long while the gateway still "
+        "accepts and serves (so a load balancer drains it); then it closes and drains.",
+    )
+    # --- the HTTP layer (gateway/http_limits.py) ---
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, description="Longest request header (name + value); longer: 431."
+    )
+    max_head_bytes: int = Field(
+        64 * 1024, ge=4096, description="Most bytes of request line plus headers; more: 431."
+    )
+    max_url_bytes: int = Field(8 * 1024, ge=256, description="Longest request target (URL); 414.")
+    header_timeout: float = Field(
+        10.0, gt=0,
+        description="Seconds a client has for its request line and headers, from connecting or "
+        "from the request's first byte; then 408 and the connection is closed.",
+    )
+    body_timeout: float = Field(
+        30.0, gt=0,
+        description="Seconds a client has to send the request body after its headers; then 408 "
+        "and the connection is closed.",
+    )
+    keep_alive_timeout: float = Field(
+        5.0, gt=0, description="Seconds an idle keep-alive connection stays open."
+    )
+    max_connections: int = Field(
+        10_000, ge=1,
+        description="Open connections per gateway process; more are answered 503 and closed. "
+        "The open-files limit is raised to fit at start-up (or this is lowered to fit it).",
+    )
+    redis_timeout: float = Field(
+        0.8, gt=0, le=60,
+        description="Seconds one Redis command may take before the request answers 503; a "
+        "request waits for at most two in a row when Redis stops answering. A reply that a busy "
+        "event loop reads late does not count (shared/redis_reads.py).",
+    )
+    # --- what clients may store in Redis ---
+    max_sessions_per_key: int = Field(
+        10_000, ge=1,
+        description="ChatStream sessions per API key (all clients count as one key when no keys "
+        "are set); a new session beyond it deletes that key's least recently used session.",
+    )
+    max_feedback_bytes: int = Field(
+        64 * 1024, ge=0, description="Largest /set_feedback form_data, as JSON (413)."
+    )
+    max_feedback_depth: int = Field(
+        16, ge=1, le=200, description="Deepest nesting of /set_feedback form_data (400)."
+    )
+    feedback_max_entries: int = Field(
+        10_000, ge=1, description="The feedback stream keeps about this many newest entries."
+    )
+    feedback_retention: float = Field(
+        30 * 24 * 3600.0, gt=0,
+        description="Seconds a feedback entry stays in the stream (export it before: "
+        "`chatstream feedback`).",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -218,6 +275,16 @@ class UpSettings(GatewaySettings, WorkerSettings):
     redis_url: str = Field("", description="Redis URL; empty = start an embedded Redis.")
     workers: str = Field("auto", pattern=r"^(auto|[0-9]+)$", description="auto or a number.")
     data_dir: str = Field(".chatstream", description="Folder for the embedded Redis's data.")
+    redis_maxmemory: str = Field(
+        "2gb", pattern=r"^[0-9]+(b|kb|mb|gb)?$",
+        description="maxmemory of the embedded Redis (policy noeviction: nothing is ever "
+        "evicted, writes past it fail with 503); 0 = no limit.",
+    )
+    shutdown_grace: float = Field(
+        0.0, ge=0, le=600,
+        description="On SIGTERM, /readyz answers 503 for this long before the gateway closes; "
+        "0 here, as no load balancer stands in front of `up`.",
+    )
 
 
 # --- CLI mirroring ---------------------------------------------------------------------------

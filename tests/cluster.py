@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,9 +135,11 @@ class Cluster:
         return proc
 
     def start_gateway(self, port: int = 0, *, start_within: float = 60, **settings: Any) -> Proc:
-        """A gateway on `port` (default: a free one); returns once /healthz answers."""
+        """A gateway on `port` (default: a free one); returns once /healthz answers. No
+        shutdown grace unless asked for: nothing balances load in front of a test's gateway."""
         port = port or free_port()
-        proc = self._spawn("gateway", "gateway", {"port": port, **settings}, port=port)
+        proc = self._spawn("gateway", "gateway", {"port": port, "shutdown_grace": 0, **settings},
+                           port=port)
         wait_until(lambda: self._healthy(proc), start_within, what=f"gateway on port {port}")
         return proc
 
@@ -171,3 +176,19 @@ class Cluster:
                 proc.process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+@contextlib.contextmanager
+def mock_gateway(
+    redis_url: str, tmp_path: Path, worker: dict[str, Any] | None = None, **settings: Any
+) -> Iterator[Proc]:
+    """One gateway with `settings` and one mock worker (with `worker` settings) under a fresh
+    key prefix, ready to serve; both stopped afterwards. For a module's shared gateway."""
+    procs = Cluster(redis_url, "t" + uuid.uuid4().hex[:10], tmp_path)
+    try:
+        procs.start_worker("mock", **(worker or {}))
+        gateway = procs.start_gateway(**settings)
+        procs.wait_ready(gateway)
+        yield gateway
+    finally:
+        procs.stop()

@@ -20,6 +20,7 @@ from chatstream_cluster.gateway.auth import api_key_id
 from chatstream_cluster.gateway.chatstream.context import SessionContext
 from chatstream_cluster.gateway.errors import APIError
 from chatstream_cluster.gateway.generation import NORMAL_ENDS, Generation, run_generation
+from chatstream_cluster.gateway.request_id import client_request_id
 from chatstream_cluster.gateway.sessions.history import Message, to_chat, trim_history
 from chatstream_cluster.gateway.sessions.params import sampling_for
 from chatstream_cluster.gateway.sessions.store import Session
@@ -70,8 +71,12 @@ async def chat_turn(
         if req.user_input is None:
             raise APIError(400, "'user_input' (a string) is required unless 'regenerate' "
                            "is true", code="missing_user_input", param="user_input")
-        if len(req.user_input) > s.max_message_chars:
-            raise APIError(400, f"user_input is longer than {s.max_message_chars} characters",
+        # The turn is stored with the session and always kept by the history trim, so the
+        # history budget bounds it too: one session's size stays bounded (docs/security.md).
+        longest = min(s.max_message_chars, options.history_chars)
+        if len(req.user_input) > longest:
+            why = " (the session's history budget)" if longest < s.max_message_chars else ""
+            raise APIError(400, f"user_input is longer than {longest} characters{why}",
                            code="message_too_long", param="user_input")
     lock = await ctx.store.lock(ctx.sid)
     if lock is None:
@@ -79,7 +84,7 @@ async def chat_turn(
                        "finish (or abort it) and retry", code="session_busy",
                        headers={"Retry-After": "1"})
     try:
-        session = await ctx.store.load(ctx.sid)
+        session = await ctx.store.load(ctx.sid, ctx.owner)
         head = options.head
         base = trim_history(head + _turn_messages(session, req), options.history_chars)
         base = base[len(head):]
@@ -87,7 +92,7 @@ async def chat_turn(
             ctx.state, to_chat(head + base),
             sampling_for(session.params(options.default_params), s.default_max_tokens),
             route="chatstream", owner=f"sid:{ctx.sid}",
-            request_id=request.headers.get("x-request-id", ""), return_prompt=True,
+            request_id=client_request_id(request), return_prompt=True,
         )
         gen.extra_permits = ctx.state.admission.extra_permits(api_key_id(request))
     except BaseException:

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import Request
 from starlette.responses import Response
 
+from chatstream_cluster.gateway.auth import api_key_id
 from chatstream_cluster.gateway.body import parse_json, read_json
 from chatstream_cluster.gateway.errors import APIError
 from chatstream_cluster.gateway.sessions.cookies import COOKIE_NAME, CookieSigner, new_sid
@@ -19,12 +20,16 @@ from chatstream_cluster.gateway.state import GatewayState
 @dataclass
 class SessionContext:
     """One request's gateway state and session (a verified cookie's id, or a fresh one).
+
+    `owner` is the id of the API key the request came with ("" without keys): the cookie is
+    signed for it, so a session is invisible to every other key (sessions/cookies.py).
     `set_cookie` is False for a session a RequestHandler names (chatstream/handlers.py)."""
 
     state: GatewayState
     store: SessionStore
     signer: CookieSigner
     sid: str
+    owner: str = ""
     set_cookie: bool = True
 
     def with_cookie(self, response: Response) -> Response:
@@ -33,8 +38,8 @@ class SessionContext:
             return response
         s = self.state.settings
         response.set_cookie(
-            COOKIE_NAME, self.signer.sign(self.sid), max_age=int(s.session_ttl), path="/",
-            httponly=True, samesite="lax", secure=s.cookie_secure,
+            COOKIE_NAME, self.signer.sign(self.sid, self.owner), max_age=int(s.session_ttl),
+            path="/", httponly=True, samesite="lax", secure=s.cookie_secure,
         )
         return response
 
@@ -48,11 +53,13 @@ class SessionBinding:
     def context(self, state: GatewayState, request: Request) -> SessionContext:
         if self._bound is None or self._bound[0] is not state:
             s = state.settings
-            self._bound = (state, SessionStore(state.redis, state.keys, s.session_ttl),
-                           CookieSigner(s.session_secret))
+            store = SessionStore(state.redis, state.keys, s.session_ttl,
+                                 max_per_owner=s.max_sessions_per_key)
+            self._bound = (state, store, CookieSigner(s.session_secret))
         _, store, signer = self._bound
-        sid = signer.verify(request.cookies.get(COOKIE_NAME)) or new_sid()
-        return SessionContext(state, store, signer, sid)
+        owner = api_key_id(request) or ""
+        sid = signer.verify(request.cookies.get(COOKIE_NAME), owner) or new_sid()
+        return SessionContext(state, store, signer, sid, owner)
 
 
 async def json_object(request: Request, request_body: Any, max_bytes: int) -> dict[str, Any]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
-import orjson
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -17,11 +16,11 @@ from starlette.responses import Response
 from chatstream_cluster.gateway.chatstream.context import SessionContext
 from chatstream_cluster.gateway.errors import APIError
 from chatstream_cluster.gateway.feedback import (
-    MAX_FORM_DATA_BYTES,
     Feedback,
     FeedbackHook,
     FeedbackRequest,
     call_hook,
+    check_form_data,
     record_feedback,
 )
 from chatstream_cluster.gateway.sessions.history import Message
@@ -30,14 +29,14 @@ from chatstream_cluster.gateway.sessions.params import GenerationParams, params_
 
 async def clear_context(ctx: SessionContext) -> Response:
     """Forget the conversation (generation params stay)."""
-    await ctx.store.clear(ctx.sid)
+    await ctx.store.clear(ctx.sid, ctx.owner)
     body = {"success": True, "message": "Context successfully cleared"}
     return ctx.with_cookie(JSONResponse(body))
 
 
 async def get_prompt(ctx: SessionContext) -> Response:
     """The last prompt the model saw plus its reply, URL-encoded."""
-    session = await ctx.store.load(ctx.sid)
+    session = await ctx.store.load(ctx.sid, ctx.owner)
     if session.prompt is None:
         body = {"success": True, "message": "no prompt", "prompt": None}
     else:
@@ -53,13 +52,14 @@ async def set_generation_params(
         params = GenerationParams.model_validate(body)
     except ValidationError as exc:
         raise params_error(exc) from None
-    await ctx.store.set_params(ctx.sid, {k: getattr(params, k) for k in params.model_fields_set})
+    await ctx.store.set_params(ctx.sid, {k: getattr(params, k) for k in params.model_fields_set},
+                               ctx.owner)
     return await get_generation_params(ctx, defaults)
 
 
 async def get_generation_params(ctx: SessionContext, defaults: dict[str, Any]) -> Response:
     """The defaults merged with the session's overrides, ChatStream's shape."""
-    session = await ctx.store.load(ctx.sid)
+    session = await ctx.store.load(ctx.sid, ctx.owner)
     body = {"success": True, "message": "success", "generation_params": session.params(defaults)}
     return ctx.with_cookie(JSONResponse(body))
 
@@ -69,11 +69,10 @@ async def set_feedback(
     defaults: dict[str, Any], hook: FeedbackHook | None,
 ) -> Response:
     """Record a like/dislike on one reply: the Redis stream, then the app's hook."""
+    s = ctx.state.settings
     req = FeedbackRequest.model_validate(body)
-    if len(orjson.dumps(req.form_data)) > MAX_FORM_DATA_BYTES:
-        raise APIError(413, f"form_data exceeds {MAX_FORM_DATA_BYTES} bytes",
-                       code="form_data_too_large", param="form_data")
-    session = await ctx.store.load(ctx.sid)
+    check_form_data(req.form_data, s.max_feedback_bytes, s.max_feedback_depth)
+    session = await ctx.store.load(ctx.sid, ctx.owner)
     index = session.find_reply(req.message_id)
     if index is None:
         raise APIError(404, "this session has no reply with that message_id (it may have "
@@ -85,6 +84,7 @@ async def set_feedback(
                          for m in session.history[: index + 1]],
         params=session.params(defaults), form_data=req.form_data,
     )
-    await record_feedback(ctx.state.redis, ctx.state.keys, feedback)
+    await record_feedback(ctx.state.redis, ctx.state.keys, feedback, s.feedback_max_entries,
+                          s.feedback_retention)
     await call_hook(hook, request, feedback)
     return ctx.with_cookie(JSONResponse({"success": True, "message": "success"}))

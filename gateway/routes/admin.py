@@ -16,7 +16,13 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from chatstream_cluster.gateway.auth import require_admin
-from chatstream_cluster.gateway.metrics import CLUSTER_GAUGES, REGISTRY, set_cluster_gauges
+from chatstream_cluster.gateway.metrics import (
+    CLUSTER_GAUGES,
+    REDIS_GAUGES,
+    REGISTRY,
+    set_cluster_gauges,
+    set_redis_memory,
+)
 from chatstream_cluster.shared.redis_errors import TRANSIENT_REDIS_ERRORS
 
 log = logging.getLogger("chatstream.gateway")
@@ -40,13 +46,14 @@ async def admin_status(request: Request) -> dict[str, Any]:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    """Prometheus metrics. The cluster gauges carry scope="cluster": every gateway reports the
-    same value, so aggregate them with max. Without Redis they are left out, and this
-    gateway's own counters are still served."""
+    """Prometheus metrics. The cluster gauges (and Redis's memory) carry scope="cluster":
+    every gateway reports the same value, so aggregate them with max. Without Redis they are
+    left out, and this gateway's own counters are still served."""
     try:
         set_cluster_gauges(await _status(request))
+        set_redis_memory(await request.app.state.gateway.redis.info("memory"))
     except TRANSIENT_REDIS_ERRORS as exc:
         log.warning("metrics: cluster gauges unavailable", extra={"error": str(exc)})
-        for gauge in CLUSTER_GAUGES:
+        for gauge in (*CLUSTER_GAUGES, *REDIS_GAUGES):
             gauge.clear()
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -17,6 +17,7 @@ from chatstream_cluster.gateway.completions.encode import SSE_HEADERS, collect, 
 from chatstream_cluster.gateway.completions.request import (
     ChatCompletionRequest,
     check_limits,
+    parse_request,
     sampling_from,
 )
 from chatstream_cluster.gateway.disconnect import ClientDisconnected, run_until_disconnect
@@ -26,6 +27,7 @@ from chatstream_cluster.gateway.generation import (
     Generation,
     run_generation,
 )
+from chatstream_cluster.gateway.request_id import client_request_id
 from chatstream_cluster.gateway.resume import parse_last_event_id
 from chatstream_cluster.gateway.state import GatewayState
 from chatstream_cluster.gateway.streaming import GenerationResponse
@@ -58,8 +60,7 @@ def resolve_model(requested: str, state: GatewayState) -> str:
 async def chat_completions(request: Request) -> Any:
     """Create a chat completion; `stream: true` answers with server-sent events."""
     state: GatewayState = request.app.state.gateway
-    body = await read_json(request, state.settings.max_body_bytes)
-    req = ChatCompletionRequest.model_validate(body)
+    req = parse_request(await read_json(request, state.settings.max_body_bytes))
     check_limits(req, state.settings)
     sampling = sampling_from(req, state.settings)
     model = resolve_model(req.model, state)
@@ -78,7 +79,7 @@ async def chat_completions(request: Request) -> Any:
         sampling,
         route="openai",
         owner=f"key:{key_id}" if key_id else "open",
-        request_id=request.headers.get("x-request-id", ""),
+        request_id=client_request_id(request),
         resume=resume,
     )
     gen.extra_permits = state.admission.extra_permits(key_id)

@@ -13,6 +13,12 @@ The hash `Keys.session(sid)` has these fields, and slides its TTL on every acces
 
 A turn holds `Keys.session_lock(sid)` (SET NX PX with a random token, lease refreshed while it
 runs, released by compare-and-delete) so two turns never interleave their history writes.
+
+Each API key (`owner`: its id, `anon` without keys) keeps at most `max_per_owner` sessions: the
+sorted set `Keys.session_index(owner)` holds its session ids by last use, every load and change
+refreshes the score, and a change that makes a session beyond the cap deletes the key's least
+recently used ones. Sessions therefore take at most (keys + 1) x `--max-sessions-per-key` x the
+size of one session (bounded by the history budget, docs/security.md) in Redis.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ log = logging.getLogger("chatstream.gateway")
 
 LOCK_LEASE_S = 30.0  # a turn's lock expires this long after its gateway stops refreshing it
 MAX_TURN_S = 3600.0  # a lock is never refreshed past this (a leaked turn frees its session)
+ANON_OWNER = "anon"  # the owner of every session when no API keys are set
+UNBOUNDED = 2**62
 
 
 @dataclass
@@ -44,6 +52,7 @@ class Session:
     """What one session hash held when it was loaded."""
 
     sid: str
+    owner: str = ""  # the API key id the session belongs to ("" without keys)
     history: list[Message] = field(default_factory=list)
     prompt: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -83,6 +92,22 @@ redis.call('HSET', KEYS[1], 'updated_ms', ARGV[1])
 redis.call('HSETNX', KEYS[1], 'created_ms', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
+"""
+
+# KEYS: the owner's session index. ARGV: sid, now ms, ttl ms, most sessions.
+# Records the session's use; returns the owner's least recently used other sessions past the
+# cap (taken out of the index here; the caller deletes their hashes).
+_CLAIM = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[2]) - tonumber(ARGV[3]))
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+local over = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[4])
+if over <= 0 then return {} end
+local out = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, over)) do
+  if #out < over and id ~= ARGV[1] then table.insert(out, id) end
+end
+redis.call('ZREM', KEYS[1], unpack(out))
+return out
 """
 
 # KEYS: lock. ARGV: token[, lease ms]. Only the holder may refresh or delete its lock.
@@ -138,26 +163,47 @@ class SessionStore:
     """Load and change sessions; every access slides the session's TTL."""
 
     def __init__(
-        self, redis: aioredis.Redis, keys: Keys, ttl_s: float, lock_lease_s: float = LOCK_LEASE_S
+        self, redis: aioredis.Redis, keys: Keys, ttl_s: float, lock_lease_s: float = LOCK_LEASE_S,
+        max_per_owner: int = UNBOUNDED,
     ) -> None:
         self.redis = redis
         self.keys = keys
         self.ttl_ms = max(1, int(ttl_s * 1000))
         self.lock_lease_s = lock_lease_s
+        self.max_per_owner = max_per_owner
+        self._claim = redis.register_script(_CLAIM)
         self._save_turn = redis.register_script(_SAVE_TURN)
         self._clear = redis.register_script(_CLEAR)
         self._lock_refresh = redis.register_script(_LOCK_REFRESH)
         self._lock_release = redis.register_script(_LOCK_RELEASE)
 
-    async def load(self, sid: str) -> Session:
+    def _index(self, owner: str) -> str:
+        return self.keys.session_index(owner or ANON_OWNER)
+
+    async def _record_use(self, sid: str, owner: str) -> None:
+        """Note the session's use in its owner's index; delete the owner's least recently used
+        sessions past `max_per_owner`."""
+        evicted = await self._claim(keys=[self._index(owner)],
+                                    args=[sid, _now_ms(), self.ttl_ms, self.max_per_owner])
+        if evicted:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for sid_bytes in evicted:  # one key per command: fine on Redis Cluster too
+                    pipe.delete(self.keys.session(sid_bytes.decode()))
+                await pipe.execute()
+            log.info("sessions evicted: per-key cap", extra={
+                "owner": owner or ANON_OWNER, "evicted": len(evicted),
+                "max_sessions_per_key": self.max_per_owner})
+
+    async def load(self, sid: str, owner: str = "") -> Session:
         """The session's contents (empty for a new or expired one)."""
         key = self.keys.session(sid)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(key)
             pipe.pexpire(key, self.ttl_ms)
-            raw, _ = await pipe.execute()
+            pipe.zadd(self._index(owner), {sid: _now_ms()}, xx=True)  # a known session's use
+            raw, _, _ = await pipe.execute()
         fields = {k.decode(): v for k, v in raw.items()}
-        session = Session(sid)
+        session = Session(sid, owner)
         if b := fields.get("history"):
             session.history = orjson.loads(b)
         if b := fields.get("prompt"):
@@ -178,13 +224,16 @@ class SessionStore:
             keys=[self.keys.session(session.sid)],
             args=[session.epoch, orjson.dumps(history), prompt, _now_ms(), self.ttl_ms],
         )
+        if saved:
+            await self._record_use(session.sid, session.owner)
         return bool(saved)
 
-    async def clear(self, sid: str) -> None:
+    async def clear(self, sid: str, owner: str = "") -> None:
         """Forget the history and prompt (the generation params stay)."""
         await self._clear(keys=[self.keys.session(sid)], args=[_now_ms(), self.ttl_ms])
+        await self._record_use(sid, owner)
 
-    async def set_params(self, sid: str, changes: dict[str, Any]) -> None:
+    async def set_params(self, sid: str, changes: dict[str, Any], owner: str = "") -> None:
         """Apply overrides; a None value removes the override."""
         key = self.keys.session(sid)
         now = _now_ms()
@@ -198,6 +247,7 @@ class SessionStore:
             pipe.hsetnx(key, "created_ms", now)
             pipe.pexpire(key, self.ttl_ms)
             await pipe.execute()
+        await self._record_use(sid, owner)
 
     async def set_role(self, sid: str, role: str) -> None:
         """Record the client role the session was promoted to."""

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
 import psutil
 import pytest
+import redis as syncredis
 
 from chatstream_cluster.shared.redis_server import free_port
 from tests.cluster import ROOT, wait_until
@@ -18,10 +22,11 @@ from tests.cluster import ROOT, wait_until
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def up(tmp_path, request):  # noqa: ANN001, ANN201
-    """`chatstream up` with 2 mock workers; `parametrize("up", [[flags]], indirect=True)` adds
-    flags."""
+@contextlib.contextmanager
+def run_up(tmp_path: Path, env: dict[str, str] | None = None,
+           flags: tuple[str, ...] = ()) -> Iterator[tuple]:
+    """`chatstream up` (mock model, two workers) with `env` added; yields (process, URL,
+    tmp_path) once it printed its URL."""
     port = free_port()
     log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
@@ -44,12 +49,12 @@ def up(tmp_path, request):  # noqa: ANN001, ANN201
             "0.2",
             "--worker-ttl",
             "1",
-            *getattr(request, "param", []),
+            *flags,
         ],
         cwd=ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "CHATSTREAM_LOG_FORMAT": "text"},
+        env={**os.environ, "CHATSTREAM_LOG_FORMAT": "text", **(env or {})},
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -64,6 +69,14 @@ def up(tmp_path, request):  # noqa: ANN001, ANN201
             proc.kill()
             proc.wait(10)
         log.close()
+
+
+@pytest.fixture
+def up(tmp_path, request):  # noqa: ANN001, ANN201
+    """`chatstream up` with 2 mock workers; `parametrize("up", [[flags]], indirect=True)` adds
+    flags."""
+    with run_up(tmp_path, flags=tuple(getattr(request, "param", ()))) as running:
+        yield running
 
 
 def _descendants(pid: int) -> list[int]:
@@ -137,3 +150,47 @@ def test_up_with_an_embedded_redis_cluster(up) -> None:  # noqa: ANN001
     servers = [p for p, title in titles.items() if "[cluster]" in title]  # the server's title
     assert len(servers) == 3  # three primaries
     _stop_and_check_children_exit(proc, children)
+
+
+SECRETS = {"CHATSTREAM_API_KEYS": "sk-up-secret-key", "CHATSTREAM_ADMIN_KEY": "up-admin-secret",
+           "CHATSTREAM_SESSION_SECRET": "up-session-secret-0123456789"}
+
+
+def test_each_child_gets_only_the_secrets_it_uses(tmp_path) -> None:  # noqa: ANN001
+    with run_up(tmp_path, SECRETS) as (proc, url, _):
+        children = [psutil.Process(pid) for pid in _descendants(proc.pid)]
+        by_role: dict[str, list[dict[str, str]]] = {}
+        for child in children:
+            cmdline = " ".join(child.cmdline())
+            server = "redis-server" in cmdline or "valkey-server" in cmdline
+            role = ("redis" if server else "gateway" if " gateway" in cmdline
+                    else "worker" if " worker" in cmdline else "other")
+            by_role.setdefault(role, []).append(child.environ())
+        assert len(by_role["worker"]) == 2 and len(by_role["gateway"]) == 1
+        assert len(by_role["redis"]) == 1
+        for env in by_role["worker"] + by_role["redis"]:
+            leaked = {k for k, v in env.items() if v in SECRETS.values()}
+            assert leaked == set(), leaked
+        gateway_env = by_role["gateway"][0]
+        assert {k: gateway_env.get(k) for k in SECRETS} == SECRETS
+        assert not any(k.startswith("CHATSTREAM_") for k in by_role["redis"][0])
+        # ...and the keys still protect the gateway.
+        assert httpx.get(url + "/v1/models", timeout=5).status_code == 401
+        headers = {"Authorization": "Bearer up-admin-secret"}
+        status = httpx.get(url + "/admin/status", headers=headers, timeout=5)
+        assert status.status_code == 200
+
+
+def test_the_embedded_redis_has_a_maxmemory_that_never_evicts(up) -> None:  # noqa: ANN001
+    proc, _url, _ = up
+    redis_proc = next(p for p in psutil.Process(proc.pid).children(recursive=True)
+                      if "-server" in " ".join(p.cmdline()))
+    port = next(c.laddr.port for c in redis_proc.net_connections("tcp")
+                if c.status == psutil.CONN_LISTEN)
+    client = syncredis.Redis(port=port)
+    try:
+        config = client.config_get("maxmemory*")
+        assert config["maxmemory"] == str(2 * 1024**3)
+        assert config["maxmemory-policy"] == "noeviction"
+    finally:
+        client.close()

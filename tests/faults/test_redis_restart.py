@@ -7,26 +7,10 @@ import time
 import httpx
 import pytest
 
-from chatstream_cluster.shared.redis_server import RedisServer
-from tests.cluster import Cluster, wait_until
+from tests.cluster import wait_until
 from tests.faults.test_worker_crash import StreamReader, expected
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def own_redis(tmp_path):  # noqa: ANN001, ANN201
-    # appendfsync always: a crash loses no acknowledged write (see README, operations).
-    server = RedisServer(tmp_path / "redis", appendonly=True, appendfsync="always").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def own_cluster(own_redis, key_prefix, tmp_path):  # noqa: ANN001, ANN201
-    procs = Cluster(own_redis.url, key_prefix, tmp_path)
-    yield procs
-    procs.stop()
 
 
 def _chat(url: str, timeout: float = 10) -> httpx.Response:

@@ -138,6 +138,47 @@ def test_api_key_flag_is_repeatable_and_env_is_comma_separated(monkeypatch) -> N
 
 
 # --- admin key ----------------------------------------------------------------------------------
+def test_a_session_is_invisible_to_every_other_key(keyed) -> None:  # noqa: ANN001
+    """Key B holding key A's `sid` cookie gets a fresh session of its own on every ChatStream
+    endpoint; A's session is never read or changed through B."""
+    alice = httpx.Client(base_url=keyed.url, headers=bearer(KEYS[0]), timeout=10)
+    turn = alice.post("/chat_stream", json={"user_input": "the secret of alpha"})
+    assert turn.status_code == 200, turn.text
+    reply_id = turn.headers["x-chatstream-last-generated-message-id"]
+    alice.post("/set_generation_params", json={"temperature": 0.3})
+    cookie = alice.cookies["sid"]
+    alice_sid = cookie.split(".")[0]
+    for method, path, body in [
+        ("GET", "/get_prompt", None), ("GET", "/get_generation_params", None),
+        ("POST", "/set_feedback", {"is_like": False, "message_id": reply_id}),
+        ("POST", "/clear_context", None),
+        ("POST", "/set_generation_params", {"temperature": 0.9}),
+        ("POST", "/chat_stream", {"regenerate": True}),
+    ]:
+        with httpx.Client(base_url=keyed.url, headers=bearer(KEYS[1]), timeout=10,
+                          cookies={"sid": cookie}) as bob:
+            resp = bob.request(method, path, json=body)
+        seen = resp.json() if resp.headers["content-type"].startswith("application/json") \
+            else {}
+        assert "the secret of alpha" not in resp.text, (path, resp.text)
+        if path == "/get_prompt":
+            assert seen["prompt"] is None
+        if path == "/get_generation_params":
+            assert seen["generation_params"]["temperature"] == 1.0
+        if path == "/set_feedback":
+            assert resp.status_code == 404 and seen["error"]["code"] == "message_not_found"
+        if path == "/chat_stream":
+            assert resp.status_code == 400
+            assert seen["error"]["code"] == "nothing_to_regenerate"
+        given = resp.cookies.get("sid")
+        assert given is None or given.split(".")[0] != alice_sid, path
+    # Alice's session is as she left it.
+    prompt = alice.get("/get_prompt").json()["prompt"]
+    assert "the%20secret%20of%20alpha" in prompt
+    assert alice.get("/get_generation_params").json()["generation_params"]["temperature"] == 0.3
+    alice.close()
+
+
 def test_admin_key_and_api_keys_are_separate(keyed) -> None:  # noqa: ANN001
     for path in ("/admin/status", "/metrics"):
         assert httpx.get(keyed.url + path, headers=bearer(KEYS[0]), timeout=5).status_code == 401

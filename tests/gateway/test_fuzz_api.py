@@ -11,7 +11,6 @@ declare no body schema, so their bodies are fuzzed here too, with hypothesis-gen
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,7 +23,7 @@ from schemathesis import GenerationMode
 
 from chatstream_cluster.gateway.app import create_app
 from chatstream_cluster.shared.settings import GatewaySettings
-from tests.cluster import Cluster
+from tests.cluster import mock_gateway
 
 API_KEY = "fuzz-api-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -51,15 +50,9 @@ OPERATIONS = [
 
 @pytest.fixture(scope="module")
 def gateway(redis_server, tmp_path_factory) -> Iterator[str]:  # noqa: ANN001
-    procs = Cluster(redis_server.url, "t" + uuid.uuid4().hex[:10],
-                    tmp_path_factory.mktemp("fuzz"))
-    try:
-        procs.start_worker("mock", max_batch=8)
-        gw = procs.start_gateway(**GATEWAY)
-        procs.wait_ready(gw)
+    with mock_gateway(redis_server.url, tmp_path_factory.mktemp("fuzz"), {"max_batch": 8},
+                      **GATEWAY) as gw:
         yield gw.url
-    finally:
-        procs.stop()
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +127,102 @@ def test_chatstream_bodies_never_answer_5xx(gateway, path) -> None:  # noqa: ANN
             _fail_on_5xx(response, f"{path} {body!r}"[:800])
 
         run()
+
+
+# --- wrong JSON types, field by field -----------------------------------------------------------
+# schemathesis's negative mode breaks the schema somewhere in each request; these send, for every
+# field of the served document (nested ones included), every JSON type the field does not take,
+# one at a time, and want a 400 that names that field as the client wrote it.
+SAMPLES: dict[str, Any] = {"string": "x", "integer": 7, "number": 1.5, "boolean": True,
+                           "array": [], "object": {}, "null": None}
+VALID_CHAT = {"model": "mock", "max_tokens": 3, "stream_options": {"include_usage": True},
+              "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+
+
+def _accepts(schema: dict, defs: dict) -> set[str]:
+    """The JSON types a property's schema accepts."""
+    if "$ref" in schema:
+        return {"object"}
+    if "anyOf" in schema:
+        return set().union(*(_accepts(member, defs) for member in schema["anyOf"]))
+    if "const" in schema or "enum" in schema:
+        values = schema.get("enum", [schema.get("const")])
+        return {next(t for t, v in SAMPLES.items() if type(v) is type(x)) for x in values}
+    kinds = schema.get("type", [])
+    kinds = {kinds} if isinstance(kinds, str) else set(kinds)
+    return kinds | ({"integer"} if "number" in kinds else set())
+
+
+def _ref(schema: dict, defs: dict) -> dict | None:
+    return defs[schema["$ref"].rsplit("/", 1)[1]] if "$ref" in schema else None
+
+
+def _fields(schema: dict, defs: dict, path: str = "") -> list[tuple[str, set[str]]]:
+    """(path as a client writes it, accepted JSON types) of every field, nested ones too."""
+    out = []
+    for name, prop in schema.get("properties", {}).items():
+        where = f"{path}.{name}" if path else name
+        out.append((where, _accepts(prop, defs)))
+        for member in prop.get("anyOf", [prop]):
+            if (inner := _ref(member, defs)) is not None:
+                out += _fields(inner, defs, where)
+            if member.get("type") == "array" and (item := _ref(member.get("items", {}),
+                                                                 defs)) is not None:
+                out.append((f"{where}[0]", {"object"}))
+                out += _fields(item, defs, f"{where}[0]")
+    return out
+
+
+def _set(body: Any, path: str, value: Any) -> None:
+    parts = [int(p) if p.isdigit() else p
+             for p in path.replace("[", ".").replace("]", "").split(".")]
+    for part in parts[:-1]:
+        body = body[part]
+    body[parts[-1]] = value
+
+
+def test_every_field_of_the_chat_request_is_strictly_typed(gateway, schema) -> None:  # noqa: ANN001
+    document = schema.raw_schema
+    body_schema = document["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"][
+        "application/json"]["schema"]
+    fields = _fields(body_schema, body_schema.get("$defs", {}))
+    assert {"max_tokens", "stream", "messages[0].content", "messages[0].content[0].text",
+            "stream_options.include_usage"} <= {path for path, _ in fields}
+    checked = 0
+    with httpx.Client(base_url=gateway, timeout=TIMEOUT_S, headers=AUTH) as client:
+        assert client.post("/v1/chat/completions", json=VALID_CHAT).status_code == 200
+        for path, accepted in fields:
+            for kind, wrong in SAMPLES.items():
+                if kind in accepted:
+                    continue
+                body = json.loads(json.dumps(VALID_CHAT))
+                _set(body, path, wrong)
+                resp = client.post("/v1/chat/completions", json=body)
+                assert resp.status_code == 400, (path, kind, resp.text)
+                assert resp.json()["error"]["param"] == path, (path, kind, resp.text)
+                checked += 1
+    assert checked > 50
+
+
+CHATSTREAM_FIELDS = {  # endpoint -> {field: JSON types it takes}; regenerate takes anything
+    "/chat_stream": {"user_input": {"string", "null"}},
+    "/set_generation_params": {"temperature": {"number", "integer", "null"},
+                               "top_k_value": {"integer", "null"},
+                               "top_p_value": {"number", "integer", "null"}},
+    "/set_feedback": {"is_like": {"boolean"}, "message_id": {"string"}, "form_data": {"object"}},
+}
+CHATSTREAM_VALID = {"/chat_stream": {"user_input": "hi"}, "/set_generation_params": {},
+                    "/set_feedback": {"is_like": True, "message_id": "m", "form_data": {}}}
+
+
+@pytest.mark.parametrize("path", list(CHATSTREAM_FIELDS))
+def test_every_chatstream_field_is_strictly_typed(gateway, path) -> None:  # noqa: ANN001
+    with httpx.Client(base_url=gateway, timeout=TIMEOUT_S, headers=AUTH) as client:
+        for field, accepted in CHATSTREAM_FIELDS[path].items():
+            for kind, wrong in SAMPLES.items():
+                if kind in accepted:
+                    continue
+                client.cookies.clear()
+                resp = client.post(path, json={**CHATSTREAM_VALID[path], field: wrong})
+                assert resp.status_code == 400, (path, field, kind, resp.text)
+                assert resp.json()["error"]["param"] == field, (path, field, kind, resp.text)

@@ -1,21 +1,22 @@
 """Every request limit answers a clear 4xx, through a real gateway with a mock worker.
 
 Body size (413), content type (415), UTF-8 and JSON (400), number and length of messages,
-the max_tokens ceiling, number and length of stop strings. Unknown fields are ignored (as
-OpenAI's clients send fields a server may not know); known fields are validated. The exception
-is /set_generation_params, whose body is the set of params: an unknown name there is a 400.
+the max_tokens ceiling, number and length of stop strings. Known fields are strictly typed (a
+wrong JSON type is a 400 naming the field as the client wrote it); parameters the cluster does
+not implement are a 400 `unsupported_parameter`; other unknown fields are ignored (as OpenAI's
+clients send fields a server may not know). The exception is /set_generation_params, whose body
+is the set of params: an unknown name there is a 400.
 """
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.cluster import Cluster
+from tests.cluster import mock_gateway
 
 CHAT = "/v1/chat/completions"
 LIMITS = {"max_body_bytes": 4096, "max_messages": 3, "max_message_chars": 50, "max_stop": 2,
@@ -27,15 +28,8 @@ BODY_ENDPOINTS = [CHAT, "/chat_stream", "/set_generation_params", "/set_feedback
 @pytest.fixture(scope="module")
 def gateway(redis_server, tmp_path_factory) -> Iterator[str]:  # noqa: ANN001
     """One gateway with small limits and a mock worker, shared by this module's tests."""
-    procs = Cluster(redis_server.url, "t" + uuid.uuid4().hex[:10],
-                    tmp_path_factory.mktemp("limits"))
-    try:
-        procs.start_worker("mock")
-        gw = procs.start_gateway(**LIMITS)
-        procs.wait_ready(gw)
+    with mock_gateway(redis_server.url, tmp_path_factory.mktemp("limits"), **LIMITS) as gw:
         yield gw.url
-    finally:
-        procs.stop()
 
 
 def body(**overrides: Any) -> dict[str, Any]:
@@ -102,11 +96,11 @@ def test_number_and_length_of_messages(gateway) -> None:  # noqa: ANN001
     assert_error(post(gateway, json=body(messages=[])), 400, "invalid_value", "messages")
     long = [{"role": "user", "content": "y" * 51}]
     assert_error(post(gateway, json=body(messages=long)), 400, "message_too_long",
-                 "messages.0.content")
+                 "messages[0].content")
     parts = [{"role": "system", "content": "s"},
              {"role": "user", "content": [{"type": "text", "text": "z" * 30}] * 2}]
     assert_error(post(gateway, json=body(messages=parts)), 400, "message_too_long",
-                 "messages.1.content")
+                 "messages[1].content")
     at_limit = [{"role": "user", "content": "y" * 50}] * 3
     assert post(gateway, json=body(messages=at_limit)).status_code == 200
     assert_error(post(gateway, "/chat_stream", json={"user_input": "u" * 51}), 400,
@@ -141,9 +135,64 @@ def test_wrong_types_name_the_field(gateway) -> None:  # noqa: ANN001
         assert resp.json()["error"]["param"].split(".")[0] == field
 
 
+@pytest.mark.parametrize(("changes", "param", "expected", "got"), [
+    ({"max_tokens": "5"}, "max_tokens", "an integer", "a string"),
+    ({"max_tokens": True}, "max_tokens", "an integer", "a boolean"),
+    ({"max_tokens": 5.0}, "max_tokens", "an integer", "a number"),
+    ({"stream": "yes"}, "stream", "a boolean", "a string"),
+    ({"temperature": False}, "temperature", "a number", "a boolean"),
+    ({"seed": "1"}, "seed", "an integer", "a string"),
+    ({"stop": 5}, "stop", "a string or an array", "an integer"),
+    ({"stream_options": {"include_usage": 1}}, "stream_options.include_usage", "a boolean",
+     "an integer"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content",
+     "a string or an array", "an integer"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+     "messages[0].content[0].text", "a string", "an integer"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": 1, "content": "x"}]},
+     "messages[1].role", None, None),
+])
+def test_wrong_json_types_are_400_never_coerced(gateway, changes, param, expected, got) -> None:  # noqa: ANN001, E501
+    """As in OpenAI's API: "5" and true are not 5; param is the field as the client wrote it."""
+    resp = post(gateway, json=body(**changes))
+    error = resp.json()["error"]
+    assert resp.status_code == 400 and error["param"] == param, resp.text
+    if expected:
+        assert error["code"] == "invalid_type"
+        assert error["message"] == (f"Invalid type for '{param}': expected {expected}, but got "
+                                    f"{got} instead.")
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    ("tool_choice", "required"), ("tool_choice", "auto"),
+    ("tool_choice", {"type": "function", "function": {"name": "f"}}),
+    ("functions", [{"name": "f"}]), ("function_call", "auto"),
+    ("logprobs", True), ("top_logprobs", 2), ("n", 2), ("logit_bias", {"1": 2}),
+    ("presence_penalty", 0.5), ("frequency_penalty", -1),
+    ("response_format", {"type": "json_object"}), ("modalities", ["text", "audio"]),
+    ("audio", {"voice": "alloy"}), ("prediction", {"type": "content", "content": "x"}),
+    ("web_search_options", {}),
+])
+def test_unimplemented_parameters_are_refused_not_ignored(gateway, name, value) -> None:  # noqa: ANN001
+    resp = post(gateway, json=body(**{name: value}))
+    assert_error(resp, 400, "unsupported_parameter", name)
+    assert "not" in resp.json()["error"]["message"]
+
+
+def test_unimplemented_parameters_saying_off_are_accepted(gateway) -> None:  # noqa: ANN001
+    off = {"tools": [], "tool_choice": "none", "functions": None, "function_call": "none",
+           "logprobs": False, "top_logprobs": None, "n": 1, "logit_bias": {},
+           "presence_penalty": 0, "frequency_penalty": 0.0, "response_format": {"type": "text"},
+           "modalities": ["text"], "audio": None, "stream": None}
+    resp = post(gateway, json=body(**off))
+    assert resp.status_code == 200, resp.text
+
+
 # --- unknown fields: ignored, consistently ------------------------------------------------------
 def test_unknown_fields_are_ignored_except_unknown_generation_params(gateway) -> None:  # noqa: ANN001
-    extra = body(frobnicate={"deep": [1, 2]}, logit_bias={"1": 2}, response_format=None,
+    extra = body(frobnicate={"deep": [1, 2]}, user="u1", metadata={"a": "b"}, store=False,
+                 service_tier="auto", response_format=None,
                  stream_options={"include_usage": True, "future": 1},
                  messages=[{"role": "user", "content": "hi", "name": "bob", "refusal": None}])
     resp = post(gateway, json=extra)

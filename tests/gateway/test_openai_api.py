@@ -117,7 +117,7 @@ async def test_concurrent_streams_get_only_their_own_tokens_in_order(mock_cluste
         (
             {"model": "mock", "messages": [{"role": "wizard", "content": "x"}]},
             400,
-            "messages.0.role",
+            "messages[0].role",
         ),
         ({"model": "mock", "messages": []}, 400, "messages"),
         (

@@ -43,6 +43,17 @@ def test_signed_cookie_round_trips_and_rejects_tampering() -> None:
         assert signer.verify(bad) is None, bad
 
 
+def test_a_cookie_signed_for_one_key_does_not_verify_for_another() -> None:
+    signer = CookieSigner("secret-a")
+    sid = new_sid()
+    for_alpha = signer.sign(sid, "alpha-key-id")
+    assert signer.verify(for_alpha, "alpha-key-id") == sid
+    assert signer.verify(for_alpha, "beta-key-id") is None
+    assert signer.verify(for_alpha) is None  # nor without keys
+    assert signer.verify(signer.sign(sid), "alpha-key-id") is None
+    assert signer.verify(signer.sign(sid)) == sid  # no keys: as before keys existed
+
+
 # --- history ---------------------------------------------------------------------------------
 def test_trim_keeps_system_prompt_and_last_turn_and_drops_whole_turns() -> None:
     system = msg("system", "be brief")
@@ -149,3 +160,19 @@ async def test_a_lost_lock_is_not_deleted_by_its_old_holder(
     await old.release()
     assert await redis.get(store.keys.session_lock(sid)) == new.token.encode()
     await new.release()
+
+
+async def test_each_owner_keeps_at_most_its_cap_of_sessions(redis, key_prefix) -> None:  # noqa: ANN001
+    keys = Keys(key_prefix)
+    capped = SessionStore(redis, keys, ttl_s=60, max_per_owner=3)
+    alpha = [new_sid() for _ in range(5)]
+    for sid in alpha:
+        await capped.set_params(sid, {"temperature": 0.5}, "alpha")
+    beta = new_sid()
+    await capped.clear(beta, "beta")
+    await capped.load(alpha[2], "alpha")  # used again: now more recent than alpha[3]
+    await capped.set_params(new_sid(), {"temperature": 0.1}, "alpha")
+    alive = [sid for sid in alpha if await redis.exists(keys.session(sid))]
+    assert alive == [alpha[2], alpha[4]]  # the least recently used went first
+    assert await redis.exists(keys.session(beta))  # another owner's sessions are not touched
+    assert await redis.zcard(keys.session_index("alpha")) == 3

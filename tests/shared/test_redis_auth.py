@@ -116,13 +116,15 @@ async def test_rediss_urls_build_ssl_connection_pools() -> None:
     for client in (make_redis("rediss://:pw@redis.example.com:6380/2?ssl_cert_reqs=required"),
                    make_pubsub_redis("rediss://redis.example.com:6380/0")):
         pool = client.connection_pool
-        assert pool.connection_class is aioredis.SSLConnection
+        assert issubclass(pool.connection_class, aioredis.SSLConnection)
         connection = pool.make_connection()
         assert connection.ssl_context.cert_reqs == ssl.CERT_REQUIRED
         assert (connection.host, connection.port) == ("redis.example.com", 6380)
         await client.aclose()
     plain = make_redis("redis://:pw@h:6379/0")
-    assert plain.connection_pool.connection_class is aioredis.Connection
+    plain_class = plain.connection_pool.connection_class
+    assert issubclass(plain_class, aioredis.Connection)
+    assert not issubclass(plain_class, aioredis.SSLConnection)
     assert plain.connection_pool.connection_kwargs["password"] == "pw"
     await plain.aclose()
     ca = make_redis("rediss://h:6380/0?ssl_ca_certs=/etc/ca.pem&ssl_check_hostname=false")
