@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from chatstream_cluster.shared.keys import Keys
+from chatstream_cluster.shared.redis_client import tls_defaults
 from chatstream_cluster.shared.schemas import TokenEvent
 
 log = logging.getLogger("chatstream.gateway")
@@ -113,7 +114,8 @@ class Dispatcher:
         self.inboxes: dict[str, JobInbox] = {}
         self.connected = asyncio.Event()
         self._pool = aioredis.ConnectionPool.from_url(
-            redis_url, socket_timeout=None, socket_connect_timeout=CONNECT_TIMEOUT_S
+            redis_url, socket_timeout=None, socket_connect_timeout=CONNECT_TIMEOUT_S,
+            **tls_defaults(redis_url),
         )
         self._last_read = 0.0
 

@@ -21,7 +21,7 @@ from redis.exceptions import AuthenticationError, RedisError
 
 from chatstream_cluster.gateway.auth import is_loopback
 from chatstream_cluster.gateway.chatstream.roles import ClientRoles
-from chatstream_cluster.shared.redis_client import redact_url
+from chatstream_cluster.shared.redis_client import redact_url, tls_defaults
 from chatstream_cluster.shared.settings import DEFAULT_SESSION_SECRET, GatewaySettings
 
 log = logging.getLogger("chatstream.gateway")
@@ -56,7 +56,8 @@ def redis_error(url: str, timeout: float = 2.0) -> str | None:
 
     Unreachable is not fatal (Redis may start after the gateway): it is logged."""
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout,
+                                      **tls_defaults(url))
     except ValueError as exc:
         return f"invalid --redis-url {redact_url(url)!r}: {exc}"
     try:
