@@ -28,7 +28,8 @@ $(STAMP): pyproject.toml
 up: $(STAMP)
 	$(BIN)/chatstream up $(ARGS)
 
-# scripts/install_test_deps.sh: Debian's chromium for the browser tests (apt-get, as root).
+# scripts/install_test_deps.sh: what the tests need from Debian (apt-get, as root): chromium
+# for the browser tests, curl and openssl for the docs' shell blocks.
 test: $(STAMP)
 	sh scripts/install_test_deps.sh
 	$(BIN)/python -m pytest -q $(ARGS)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -78,12 +79,18 @@ def main() -> None:
             "python": platform.python_version(),
             "platform": platform.platform(),
         },
+        # The machine's load (1, 5, 15 min) before and after: figures from a busy machine are
+        # lower, and a report must say which they are (docs/performance.md).
+        "load_avg": {"before": os.getloadavg()},
         "scenarios": {},
     }
     for name in args.scenarios.split(","):
         rows = _run(name.strip(), args)
         report["scenarios"][name] = rows
         print(f"\n== {name} ==\n{format_rows(rows)}", flush=True)
+    report["load_avg"]["after"] = os.getloadavg()
+    print(f"\nload average (1/5/15 min): before {report['load_avg']['before']}, "
+          f"after {report['load_avg']['after']}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

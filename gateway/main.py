@@ -122,7 +122,7 @@ def main(settings: GatewaySettings) -> int:
         create_app(settings),
         host=settings.host,
         port=settings.port,
-        timeout_graceful_shutdown=int(settings.drain_timeout) or None,
+        timeout_graceful_shutdown=settings.drain_timeout,  # 0: cut open streams at once
         lifespan="on",
         **server_options(settings, fit_open_files(settings.max_connections)),
     )

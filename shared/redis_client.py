@@ -12,6 +12,8 @@ import redis.asyncio as aioredis
 
 from chatstream_cluster.shared.redis_topology import make_client, parse_redis_url, tls_defaults
 
+__all__ = ["make_pubsub_redis", "make_redis", "redact_url", "tls_defaults"]
+
 
 def make_redis(
     url: str, *, max_connections: int = 256, socket_timeout: float = 5.0,

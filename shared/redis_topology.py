@@ -340,7 +340,8 @@ def make_pubsub_pool(url: str, connect_timeout: float) -> aioredis.ConnectionPoo
     topo = parse_redis_url(url)
     if topo.kind == "single":
         return aioredis.ConnectionPool.from_url(
-            url, socket_timeout=None, socket_connect_timeout=connect_timeout
+            url, socket_timeout=None, socket_connect_timeout=connect_timeout,
+            **tls_defaults(url),
         )
     if topo.kind == "sentinel":
         sentinel = _sentinel(topo, None, connect_timeout)
@@ -368,7 +369,7 @@ def sync_client(url: str, timeout: float) -> redis.Redis | redis.RedisCluster:
     topo = parse_redis_url(url)
     kwargs = {"socket_connect_timeout": timeout, "socket_timeout": timeout}
     if topo.kind == "single":
-        return redis.Redis.from_url(url, **kwargs)
+        return redis.Redis.from_url(url, **kwargs, **tls_defaults(url))
     if topo.kind == "cluster":
         from redis.cluster import ClusterNode as SyncClusterNode  # noqa: PLC0415
 

@@ -128,7 +128,9 @@ class WorkerSettings(CommonSettings):
         "it is parked, resumable for the gateways' --resume-window.",
     )
     drain_timeout: float = Field(
-        30.0, ge=0, description="On SIGTERM, finish in-flight jobs for at most this long."
+        30.0, ge=0,
+        description="On SIGTERM, finish in-flight jobs for at most this long, then leave the "
+        "rest to other workers; 0 = at once.",
     )
     event_stream_ttl: float = Field(
         300.0, gt=0,
@@ -187,7 +189,9 @@ class GatewaySettings(CommonSettings):
     session_ttl: float = Field(7 * 24 * 3600.0, gt=0, description="Sliding lifetime of a session.")
     cookie_secure: bool = Field(False, description="Mark the sid cookie Secure (HTTPS only).")
     drain_timeout: float = Field(
-        30.0, ge=0, description="On SIGTERM, let open streams finish for at most this long."
+        30.0, ge=0,
+        description="On SIGTERM, let open streams finish for at most this long, then close "
+        "them; 0 = at once.",
     )
     resume_window: float = Field(
         30.0, gt=0, le=3600,

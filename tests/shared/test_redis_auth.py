@@ -24,12 +24,18 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError
 
+from chatstream_cluster.gateway.dispatcher import Dispatcher
 from chatstream_cluster.gateway.errors import APIError
 from chatstream_cluster.gateway.generation import ResumePoint
 from chatstream_cluster.gateway.resume import parse_last_event_id
 from chatstream_cluster.gateway.security import redis_error
 from chatstream_cluster.shared.keys import Keys, UnsafeIdError, safe_id
-from chatstream_cluster.shared.redis_client import make_pubsub_redis, make_redis, redact_url
+from chatstream_cluster.shared.redis_client import (
+    make_pubsub_redis,
+    make_redis,
+    redact_url,
+    tls_defaults,
+)
 from chatstream_cluster.shared.redis_server import RedisServer, free_port
 from tests.cluster import ROOT, Cluster, wait_until
 
@@ -121,6 +127,26 @@ async def test_rediss_urls_build_ssl_connection_pools() -> None:
         assert connection.ssl_context.cert_reqs == ssl.CERT_REQUIRED
         assert (connection.host, connection.port) == ("redis.example.com", 6380)
         await client.aclose()
+
+
+async def test_rediss_urls_verify_certificates_and_host_names_whatever_redis_py_defaults() -> None:
+    """Our own settings, not redis-py's defaults (which check host names only from 6.0): every
+    pool we build for rediss:// asks for both; the URL's query still overrides them."""
+    url = "rediss://redis.example.com:6380/0"
+    dispatcher = Dispatcher(url, Keys("p"), "gw")
+    pools = [make_redis(url).connection_pool, make_pubsub_redis(url).connection_pool,
+             dispatcher._pool]  # noqa: SLF001
+    for pool in pools:
+        assert pool.connection_kwargs["ssl_cert_reqs"] == "required"
+        assert pool.connection_kwargs["ssl_check_hostname"] is True
+        await pool.aclose()
+    assert tls_defaults("redis://h:6379/0") == {}
+    off = make_redis(url + "?ssl_cert_reqs=none")
+    assert off.connection_pool.connection_kwargs["ssl_check_hostname"] is False
+    assert off.connection_pool.make_connection().ssl_context.get().verify_mode == ssl.CERT_NONE
+    await off.aclose()
+    no_host = make_redis(url + "?ssl_check_hostname=false").connection_pool.connection_kwargs
+    assert (no_host["ssl_cert_reqs"], no_host["ssl_check_hostname"]) == ("required", False)
     plain = make_redis("redis://:pw@h:6379/0")
     plain_class = plain.connection_pool.connection_class
     assert issubclass(plain_class, aioredis.Connection)
@@ -197,7 +223,7 @@ def certificate(tmp_path_factory) -> tuple[Path, Path]:  # noqa: ANN001
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
          "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+         "-addext", "subjectAltName=DNS:localhost"],
         check=True, capture_output=True, timeout=60,
     )
     return cert, key
@@ -223,11 +249,21 @@ async def test_gateway_and_worker_work_over_tls_with_a_verified_certificate(  # 
             assert proxy.handshakes >= 3  # gateway pool, gateway pub/sub, worker
         finally:
             procs.stop()
-        # Certificates are verified by default: without the CA the self-signed one is refused.
+        # Certificates are verified by default: without the CA the self-signed one is refused,
+        # and so is the right certificate under another host name (it names only localhost).
         unverified = make_redis(url.split("?")[0])
         with pytest.raises(ConnectionError, match="certificate verify failed"):
             await unverified.ping()
         await unverified.aclose()
+        by_ip = url.replace("@localhost:", "@127.0.0.1:")
+        wrong_host = make_redis(by_ip)
+        with pytest.raises(ConnectionError, match="certificate verify failed"):
+            await wrong_host.ping()
+        await wrong_host.aclose()
+        assert "refused the credentials" not in (redis_error(by_ip) or "")  # only a warning
+        unchecked = make_redis(by_ip + "&ssl_check_hostname=false")  # the URL may opt out
+        assert await unchecked.ping()
+        await unchecked.aclose()
 
 
 # --- key names from hostile input --------------------------------------------------------------
