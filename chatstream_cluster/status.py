@@ -1,7 +1,9 @@
 """`chatstream status`: queue depth, running, capacity and workers as a table or JSON.
 
 The numbers come from `shared.cluster_status`, the same code behind the gateways'
-`/admin/status` and `/metrics`. `--json` prints exactly the `/admin/status` object; `--watch`
+`/admin/status` and `/metrics`, with one row per served model (WORKERS: serving/live; QUEUE =
+PERMIT, waiting for a permit, + UNREAD, enqueued and not yet read by a worker) and one per
+worker. `--json` prints exactly the `/admin/status` object; `--watch`
 redraws the screen every `--interval` seconds until Ctrl-C (with `--json`, one object per
 refresh). Capacity is what the live gateways publish in Redis (their `--max-concurrent`), else
 the sum of the live workers' `--max-batch`, as the gateways derive it.
@@ -24,14 +26,32 @@ from chatstream_cluster.shared.settings import CommonSettings
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen: each --watch refresh starts with it
 
 
+def render_models(models: list[dict]) -> list[str]:
+    """One row per served model: its own queue, running/capacity and workers."""
+    lines = [f"{'MODEL':<32} {'QUEUE':>6} {'PERMIT':>6} {'UNREAD':>6} {'RUN':>5} {'CAP':>5} "
+             f"{'WORKERS':>8} {'WAIT':>5} {'TOK/S':>8}"]
+    for m in models:
+        workers = f"{m['serving']}/{m['workers']}"
+        lines.append(
+            f"{m['name'][:32]:<32} {m['queue_depth']:>6} {m['waiting_for_permit']:>6} "
+            f"{m['undelivered_jobs']:>6} {m['running']:>5} {m['capacity']:>5} {workers:>8} "
+            f"{m['waiting_in_workers']:>5} {m['tokens_per_s']:>8}"
+        )
+    if not models:
+        lines.append("(no model known yet)")
+    return lines
+
+
 def render_table(status: dict) -> str:
-    """The status as text: a summary line and one row per worker."""
+    """The status as text: a summary line, one row per served model and one per worker."""
     lines = [
         f"queue_depth {status['queue_depth']} (waiting for a permit "
         f"{status['waiting_for_permit']}, not yet read by a worker "
         f"{status['undelivered_jobs']})   running {status['running']}/{status['capacity']}"
         f"   gateways {len(status['gateways'])}   workers {len(status['workers'])}"
         f"   waiting in workers {status.get('waiting_in_workers', 0)}",
+        "",
+        *render_models(status.get("models", [])),
         "",
         f"{'ID':<28} {'PID':>7} {'HOST':<16} {'MODEL':<12} {'DEVICE':<8} {'RUN':>4} "
         f"{'MAX':>4} {'WAIT':>4} {'KV_TOKENS':>15} {'TOK/S':>8} {'BEAT_S':>6}  STATE",

@@ -1,13 +1,20 @@
 """`chatstream up`: the local all-in-one cluster as child processes.
 
 Starts an embedded Redis (unless `--redis-url` is given; with `--redis-cluster`, a throwaway
-3-primary Redis Cluster without persistence, to try cluster mode), the workers (`--workers
-auto`: one per visible CUDA device, else one on CPU) and one gateway; prints the URL; restarts
-a child that dies, with backoff; on Ctrl-C or SIGTERM stops every child and the embedded Redis.
+3-primary Redis Cluster without persistence, to try cluster mode), the workers and one gateway;
+prints the URL; restarts a child that dies, with backoff; on Ctrl-C or SIGTERM stops every
+child and the embedded Redis.
+
+Workers: `--workers` of `--model` (auto: one per visible CUDA device, else one on CPU), or,
+for several models side by side, one `--worker MODEL[:N]` per model (`worker_plan`): each
+model is served under its own name, its workers take the visible GPUs in order (`mock`
+takes none), and the gateway is told the models (`--models`; the first is the ChatStream
+endpoints' `--default-model` unless one is given).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -62,6 +69,46 @@ def worker_devices(settings: UpSettings) -> list[str]:
     return [settings.device] * count
 
 
+@dataclass(frozen=True)
+class PlannedWorker:
+    """One worker `up` starts: its model (served under that name unless --served-model-name
+    applies) and its device."""
+
+    model: str
+    device: str
+
+
+def parse_worker_spec(spec: str) -> tuple[str, int]:
+    """`MODEL[:N]` -> (MODEL, N); ValueError when N is not a positive number or MODEL empty."""
+    model, colon, count = spec.rpartition(":")
+    if not colon or not count.isdigit():  # no count: a model id may hold ':' itself
+        model, count = spec, "1"
+    if not model.strip() or int(count) < 1:
+        raise ValueError(f"--worker {spec!r}: expected MODEL or MODEL:N with N >= 1")
+    return model.strip(), int(count)
+
+
+def worker_plan(settings: UpSettings) -> list[PlannedWorker]:
+    """The workers to start: `--workers` of `--model`, or the `--worker MODEL[:N]` groups.
+    Raises ValueError for a bad spec, or more GPU workers than visible GPUs."""
+    if not settings.worker:
+        return [PlannedWorker(settings.model, d) for d in worker_devices(settings)]
+    groups = [parse_worker_spec(spec) for spec in settings.worker]
+    gpus = visible_cuda_devices() if settings.device == "cpu" else []
+    plan, next_gpu = [], 0
+    for model, count in groups:
+        for _ in range(count):
+            if model == "mock" or not gpus:
+                device = "cpu" if model == "mock" else settings.device
+            elif next_gpu < len(gpus):
+                device, next_gpu = f"cuda:{next_gpu}", next_gpu + 1
+            else:
+                raise ValueError(f"--worker asks for more GPU workers than the {len(gpus)} "
+                                 "visible CUDA devices (one worker per GPU)")
+            plan.append(PlannedWorker(model, device))
+    return plan
+
+
 def scrub_settings_env() -> None:
     """Drop the `CHATSTREAM_*` variables from this process's environment once the settings are
     read: each child then gets only the settings (and so the secrets) meant for it, through its
@@ -102,6 +149,7 @@ class LocalCluster:
 
     def __init__(self, settings: UpSettings) -> None:
         self.settings = settings
+        self.plan = worker_plan(settings)
         self.redis: RedisServer | LocalRedisCluster | None = None
         self.children: list[Child] = []
         self.stopping = threading.Event()
@@ -129,28 +177,37 @@ class LocalCluster:
             log.info("embedded redis", extra={"url": redis_url})
         cli = [sys.executable, "-m", "chatstream_cluster.cli"]
         worker_values = {**fields_of(WorkerSettings, s), "redis_url": redis_url}
-        for i, device in enumerate(worker_devices(s)):
-            env = settings_env(
-                {
-                    **worker_values,
-                    "device": device,
-                    "worker_id": f"{s.worker_id or socket.gethostname()}-{i}",
-                }
-            )
-            self.children.append(Child(f"worker-{i}", [*cli, "worker"], env))
+        for i, planned in enumerate(self.plan):
+            values = {**worker_values, "model": planned.model, "device": planned.device,
+                      "worker_id": f"{s.worker_id or socket.gethostname()}-{i}"}
+            if s.worker:  # several models: each served under its own name
+                values["served_model_name"] = ""
+            self.children.append(Child(f"worker-{i}", [*cli, "worker"], settings_env(values)))
         gateway_values = {**fields_of(GatewaySettings, s), "redis_url": redis_url}
+        if s.worker:  # known from the start, so a model still loading is not a 404
+            names = list(dict.fromkeys(w.model for w in self.plan))
+            gateway_values["models"] = list(dict.fromkeys([*s.models, *names]))
+            gateway_values["default_model"] = s.default_model or names[0]
         self.children.append(Child("gateway", [*cli, "gateway"], settings_env(gateway_values)))
         for child in self.children:
             child.start()
         self._wait_ready()
         return self.url
 
+    def served_models(self) -> list[str]:
+        """The served names of the planned workers, in order."""
+        if not self.settings.worker and self.settings.served_model_name:
+            return [self.settings.served_model_name]
+        return list(dict.fromkeys(w.model for w in self.plan))
+
     def _wait_ready(self, timeout: float = 300.0) -> None:
+        """Until the gateway is ready and a worker of every planned model serves."""
         deadline = time.monotonic() + timeout
+        wanted = set(self.served_models())
         while time.monotonic() < deadline and not self.stopping.is_set():
             try:
                 with urllib.request.urlopen(self.url + "/readyz", timeout=2) as resp:
-                    if resp.status == 200:
+                    if resp.status == 200 and wanted <= set(json.load(resp).get("models", [])):
                         return
             except OSError:
                 pass
@@ -211,7 +268,11 @@ def main(settings: UpSettings) -> int:
     setup_logging(settings.log_level, settings.log_format, component="up")
     check_startup(settings, warn=False)  # exits 2 before starting anything; the gateway warns
     scrub_settings_env()
-    cluster = LocalCluster(settings)
+    try:
+        cluster = LocalCluster(settings)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     def _on_signal(signum: int, _frame: object) -> None:
         cluster.stopping.set()
@@ -229,6 +290,11 @@ def main(settings: UpSettings) -> int:
             print(
                 f"  OpenAI API: {url}/v1/chat/completions   status: {url}/admin/status", flush=True
             )
+            counts = {m: sum(w.model == m for w in cluster.plan) for m in cluster.served_models()}
+            if len(counts) > 1:
+                print("  models: " + ", ".join(
+                    f"{m} ({n} worker{'s' if n > 1 else ''})" for m, n in counts.items()),
+                    flush=True)
             cluster.supervise()
     finally:
         cluster.stop()

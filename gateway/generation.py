@@ -1,8 +1,10 @@
 """The lifecycle of one generation on this gateway: admission, enqueue, events, cleanup.
 
-`Generation.start()` waits for a live worker, takes the permits, enqueues the job (the
-dispatcher's subscription already exists) and waits for the first event, so errors found
-before any text (queue full, prompt too long, no worker) become plain HTTP errors. A resume
+`Generation.start()` waits for a live worker of the request's model (or, for a model with
+none while `--cold-start-timeout` is on, for one to start: in the model's line), takes the
+permits, enqueues the job in the model's queue (the dispatcher's subscription already exists)
+and waits for the first event, so errors found before any text (queue full, prompt too long,
+no worker) become plain HTTP errors. A resume
 (`Last-Event-ID`) starts through gateway/resume.py instead. `events()` yields the job's events
 in sequence order (gateway/event_order.py), reading the job's event stream when pub/sub lost
 some. `close()` always runs (shielded from cancellation): stop the job if this connection still
@@ -82,6 +84,7 @@ class Generation:
         messages: list[ChatMessage],
         sampling: SamplingParams,
         *,
+        model: str,
         route: str,
         owner: str = "open",
         request_id: str = "",
@@ -94,6 +97,7 @@ class Generation:
         self.owner = owner  # who may resume it: key:<api key id>, sid:<session id> or open
         self.listener = new_token()  # this connection, as the job's meta names its relay
         self.request_id = request_id or self.job_id
+        self.model = model  # the served model; a resume takes its job's (gateway/resume.py)
         self.route = route
         self.messages = messages
         self.sampling = sampling
@@ -131,7 +135,7 @@ class Generation:
 
     @property
     def log_ctx(self) -> dict[str, str]:
-        return {"request_id": self.request_id, "job_id": self.job_id}
+        return {"request_id": self.request_id, "job_id": self.job_id, "model": self.model}
 
     # --- start -----------------------------------------------------------------------------
     async def start(self, receive: Receive | None) -> None:
@@ -170,18 +174,23 @@ class Generation:
 
     async def _start_new(self) -> None:
         st = self.state
-        await st.workers.wait_for_worker(st.settings.no_worker_timeout)
+        cold = st.cold_start(self.model)
+        if cold and not st.workers.redis_ok:
+            raise redis_unavailable()
+        if not cold:
+            await st.workers.wait_for_worker(self.model, st.settings.no_worker_timeout)
         self.refuse_if_draining()
         try:
-            await self.take_permits()
+            await self.take_permits(cold_start=cold)
             await self.listen()
             spec = JobSpec(
                 job_id=self.job_id, reply_channel=st.dispatcher.reply_channel(self.job_id),
-                messages=self.messages,
+                messages=self.messages, model=self.model,
                 sampling=self.sampling, created_ms=int(time.time() * 1000),
                 return_prompt=self.return_prompt,
             )
-            self.entry_id = await st.queue.enqueue(spec, owner=self.owner, listener=self.listener)
+            self.entry_id = await st.queue(self.model).enqueue(
+                spec, owner=self.owner, listener=self.listener)
         except TRANSIENT_REDIS_ERRORS as exc:
             log.warning("redis unavailable at admission", extra={**self.log_ctx, "error": str(exc)})
             raise redis_unavailable() from None
@@ -191,13 +200,13 @@ class Generation:
             raise APIError(503, "this gateway is shutting down; retry", code="draining",
                            headers={"Retry-After": "1"})
 
-    async def take_permits(self) -> None:
-        """The caps of this connection (per key), then the job's cluster permit (idempotent:
-        a resume of a running job finds the permit its job already holds)."""
+    async def take_permits(self, *, cold_start: bool = False) -> None:
+        """The caps of this connection (per key), then the job's permit of its model
+        (idempotent: a resume of a running job finds the permit its job already holds)."""
         admission = self.state.admission
         for permit in self.extra_permits:
-            await admission.acquire_extra(permit, self.listener)
-        await admission.acquire(self.job_id)
+            await admission.acquire_extra(permit, self.listener, self.model)
+        await admission.acquire(self.job_id, self.model, cold_start=cold_start)
         self.holds_permit = True
         admission.on_lapse(self.job_id, self._permit_lapsed)
 
@@ -233,10 +242,10 @@ class Generation:
         if event.text:
             if not self._ttft_seen:
                 self._ttft_seen = True
-                TTFT.observe(time.monotonic() - self.created)
+                TTFT.labels(model=self.model).observe(time.monotonic() - self.created)
             self.text += event.text
         if event.tokens > self.tokens:
-            TOKENS.inc(event.tokens - self.tokens)
+            TOKENS.labels(model=self.model).inc(event.tokens - self.tokens)
             self.tokens = event.tokens
         if event.prompt is not None:
             self.prompt = event.prompt
@@ -327,7 +336,7 @@ class Generation:
         if status == "queued" and time.monotonic() - silent_since > st.settings.queue_timeout:
             return self.end_with_error("queue_timeout", "no worker continued this stream in time; "
                                      "resume it with Last-Event-ID or retry")
-        if not st.workers.redis_ok or st.workers.workers:
+        if not st.workers.redis_ok or st.workers.live_for(self.model):
             return None
         now = time.monotonic()
         no_worker_since = no_worker_since or now
@@ -355,6 +364,14 @@ class Generation:
             job_id=self.job_id, seq=self.order.next_seq, attempt=0, tokens=self.tokens,
             finish_reason="error", error=JobError(code=code, message=message, status=503),
         )
+
+    def failed_to_start(self, code: str, message: str, status: int) -> JobError:
+        """Record a start that failed after the answer began (gateway/cold_start.py): the
+        stream ends with this error, and close() stops the job if it was enqueued."""
+        self._local_end = True
+        self.finish_reason, self.error = "error", JobError(code=code, message=message,
+                                                           status=status)
+        return self.error
 
     def _permit_lapsed(self) -> None:
         """Admission could not keep this job's permit: end the stream (the cap must hold)."""
@@ -394,7 +411,7 @@ class Generation:
             if self.superseded:
                 st.admission.disown(self.job_id)  # the connection that resumed it holds it
             else:
-                await st.admission.release(self.job_id)
+                await st.admission.release(self.job_id, self.model)
         for permit in self.extra_permits:
             await st.admission.release_extra(permit, self.listener)
         kind = status.split(",")[0]
@@ -422,9 +439,9 @@ class Generation:
             if outcome == "superseded":
                 self.superseded = True  # a resume relays it now: leave its permit alone
             elif outcome == "running":
-                await st.queue.broadcast_cancel(self.job_id)
+                await st.queue(self.model).broadcast_cancel(self.job_id)
             elif outcome == "parked" and self.entry_id is not None:
-                await st.queue.withdraw(self.entry_id)  # never read: no worker needs it
+                await st.queue(self.model).withdraw(self.entry_id)  # never read: unneeded
         except TRANSIENT_REDIS_ERRORS as exc:
             log.warning("could not stop the job; it ends when its events reach nobody",
                         extra={**self.log_ctx, "error": str(exc)})

@@ -4,7 +4,10 @@ Counters and the TTFT histogram count this process's requests: sum them across g
 The cluster gauges (queue depth, running, capacity, workers) are read from Redis at scrape
 time, so every gateway reports the same cluster-wide value: aggregate them with `max`, never
 `sum`, when several gateways are scraped (they carry the label `scope="cluster"` to say so).
-docs/operations.md lists every metric with its PromQL.
+Per-model figures carry the served model's name in the label `model`: the queue depth of one
+model is `max(chatstream_queue_depth{model="..."})`, the cluster's
+`sum(max by (model) (chatstream_queue_depth))`. docs/operations.md lists every metric with its
+PromQL.
 """
 
 from __future__ import annotations
@@ -19,22 +22,25 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 QUEUE_DEPTH = Gauge(
     "chatstream_queue_depth",
-    "Requests waiting, cluster-wide: for a permit plus jobs no worker has read.",
-    ["scope"], registry=REGISTRY,
+    "Requests of a model waiting, cluster-wide: for a permit plus jobs no worker has read "
+    "(an autoscaler's signal).", ["scope", "model"], registry=REGISTRY,
 )
 RUNNING = Gauge(
-    "chatstream_running", "Generation permits held cluster-wide.", ["scope"], registry=REGISTRY
+    "chatstream_running", "Generation permits of a model held cluster-wide.",
+    ["scope", "model"], registry=REGISTRY,
 )
 CAPACITY = Gauge(
-    "chatstream_capacity", "Cluster-wide cap on concurrent generations.", ["scope"],
-    registry=REGISTRY,
+    "chatstream_capacity", "Cap on a model's concurrent generations, cluster-wide.",
+    ["scope", "model"], registry=REGISTRY,
 )
-WORKERS = Gauge("chatstream_workers", "Live workers.", ["scope"], registry=REGISTRY)
+WORKERS = Gauge("chatstream_workers", "Live workers of a model.", ["scope", "model"],
+                registry=REGISTRY)
 WAITING_IN_WORKERS = Gauge(
     "chatstream_waiting_in_workers",
-    "Requests inside workers waiting for a batch slot or KV cache, cluster-wide.", ["scope"],
-    registry=REGISTRY,
+    "Requests inside a model's workers waiting for a batch slot or KV cache.",
+    ["scope", "model"], registry=REGISTRY,
 )
+MODEL_GAUGES = (QUEUE_DEPTH, RUNNING, CAPACITY, WORKERS, WAITING_IN_WORKERS)
 KV_USAGE = Gauge(
     "chatstream_kv_cache_usage_ratio",
     "Share of a worker's KV cache reserved by its running requests (0-1).", ["worker"],
@@ -62,18 +68,20 @@ CLUSTER_GAUGES = (QUEUE_DEPTH, RUNNING, CAPACITY, WORKERS, WAITING_IN_WORKERS, K
                   LAST_MINUTE_TTFT, LAST_MINUTE_REJECTED)
 
 REJECTED = Counter(
-    "chatstream_rejected_total", "Requests refused by admission, by reason.", ["reason"],
-    registry=REGISTRY,
+    "chatstream_rejected_total", "Requests refused by admission, by reason and model.",
+    ["reason", "model"], registry=REGISTRY,
 )
 REQUESTS = Counter(
     "chatstream_requests_total", "Finished requests.", ["route", "status"], registry=REGISTRY
 )
 TTFT = Histogram(
-    "chatstream_time_to_first_token_seconds", "Request arrival to first generated text.",
-    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=REGISTRY,
+    "chatstream_time_to_first_token_seconds", "Request arrival to first generated text, by model.",
+    ["model"], buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+    registry=REGISTRY,
 )
 TOKENS = Counter(
-    "chatstream_generated_tokens_total", "Completion tokens relayed to clients.", registry=REGISTRY
+    "chatstream_generated_tokens_total", "Completion tokens relayed to clients, by model.",
+    ["model"], registry=REGISTRY,
 )
 OPEN_STREAMS = Gauge(
     "chatstream_open_streams", "Streams this gateway is relaying now.", registry=REGISTRY
@@ -101,8 +109,6 @@ TASK_FAILURES = Counter(
     "Crashes of this process's supervised background tasks (each restarted with backoff).",
     ["task"], registry=REGISTRY,
 )
-for _reason in REJECT_REASONS:
-    REJECTED.labels(reason=_reason)
 for _reason in ("client_disconnected", "no_worker", "redis_unavailable"):
     TRUNCATED.labels(reason=_reason)
 for _outcome in ("attached", "requeued", "replayed", "expired", "not_found"):
@@ -126,14 +132,26 @@ for _reason in ("headers_too_large", "header_too_large", "url_too_long", "header
     HTTP_REFUSED.labels(reason=_reason)
 
 
+def prepare_model(model: str) -> None:
+    """Create `model`'s per-model series at 0, so `rate()` has a start before its first count."""
+    for reason in REJECT_REASONS:
+        REJECTED.labels(reason=reason, model=model)
+    TOKENS.labels(model=model)
+    TTFT.labels(model=model)
+
+
 def set_cluster_gauges(status: dict[str, Any]) -> None:
     """Copy a `shared.cluster_status` reading into the scope="cluster" gauges."""
-    QUEUE_DEPTH.labels(scope="cluster").set(status["queue_depth"])
-    RUNNING.labels(scope="cluster").set(status["running"])
-    CAPACITY.labels(scope="cluster").set(status["capacity"])
-    WORKERS.labels(scope="cluster").set(len(status["workers"]))
-    WAITING_IN_WORKERS.labels(scope="cluster").set(status["waiting_in_workers"])
-    KV_USAGE.clear()  # a worker that left takes its series with it
+    for gauge in (*MODEL_GAUGES, KV_USAGE):
+        gauge.clear()  # a model or worker that left takes its series with it
+    for m in status["models"]:
+        labels = {"scope": "cluster", "model": m["name"]}
+        QUEUE_DEPTH.labels(**labels).set(m["queue_depth"])
+        RUNNING.labels(**labels).set(m["running"])
+        CAPACITY.labels(**labels).set(m["capacity"])
+        WORKERS.labels(**labels).set(m["workers"])
+        WAITING_IN_WORKERS.labels(**labels).set(m["waiting_in_workers"])
+        prepare_model(m["name"])
     for w in status["workers"]:
         if w["kv_tokens_total"]:
             KV_USAGE.labels(worker=w["id"]).set(w["kv_tokens_used"] / w["kv_tokens_total"])

@@ -14,14 +14,12 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from chatstream_cluster.gateway.metrics import REJECTED, TOKENS, TTFT
-from chatstream_cluster.shared.jobqueue import JobQueue
 from chatstream_cluster.shared.ops_stats import REJECTED_FIELD, TTFT_FIELD, OpsStats
 from chatstream_cluster.shared.ops_stats import TOKENS as TOKENS_FIELD
 from chatstream_cluster.shared.redis_errors import TRANSIENT_REDIS_ERRORS, reraise_if_cancelling
-from chatstream_cluster.shared.semaphore import RedisSemaphore
 
 log = logging.getLogger("chatstream.gateway")
 
@@ -33,15 +31,18 @@ def read_counters() -> tuple[dict[str, float], float]:
     counts: dict[str, float] = {}
     ttft_sum = 0.0
     for family in (*REJECTED.collect(), *TOKENS.collect(), *TTFT.collect()):
-        for sample in family.samples:
+        for sample in family.samples:  # summed over the models
+            field = None
             if sample.name == "chatstream_rejected_total":
-                counts[REJECTED_FIELD + sample.labels["reason"]] = sample.value
+                field = REJECTED_FIELD + sample.labels["reason"]
             elif sample.name == "chatstream_generated_tokens_total":
-                counts[TOKENS_FIELD] = sample.value
+                field = TOKENS_FIELD
             elif sample.name == "chatstream_time_to_first_token_seconds_bucket":
-                counts[TTFT_FIELD + sample.labels["le"]] = sample.value
+                field = TTFT_FIELD + sample.labels["le"]
             elif sample.name == "chatstream_time_to_first_token_seconds_sum":
-                ttft_sum = sample.value
+                ttft_sum += sample.value
+            if field is not None:
+                counts[field] = counts.get(field, 0.0) + sample.value
     return counts, ttft_sum
 
 
@@ -77,13 +78,14 @@ _SNAPSHOT = _Snapshot()
 
 
 class OpsRecorder:
-    """Flushes this process's counter deltas and a queue depth sample every second."""
+    """Flushes this process's counter deltas and a queue depth sample every second.
 
-    def __init__(self, stats: OpsStats, semaphore: RedisSemaphore, queue: JobQueue,
+    `queue_depth` reads the cluster's queue depth (every model's, summed) from Redis."""
+
+    def __init__(self, stats: OpsStats, queue_depth: Callable[[], Awaitable[int]],
                  interval: float = FLUSH_INTERVAL_S) -> None:
         self.stats = stats
-        self.semaphore = semaphore
-        self.queue = queue
+        self.queue_depth = queue_depth
         self.interval = interval
 
     async def flush_last(self) -> None:
@@ -95,8 +97,7 @@ class OpsRecorder:
         """One flush; raises Redis errors (the deltas are kept for the next flush)."""
         deltas, ttft, done = _SNAPSHOT.take()
         try:
-            _held, waiting = await self.semaphore.counts()
-            depth = waiting + await self.queue.undelivered()
+            depth = await self.queue_depth()
             await self.stats.add(deltas, ttft_sum=ttft, queue_depth=depth)
         except BaseException:
             done(False)

@@ -28,7 +28,7 @@ from chatstream_cluster.gateway.metrics import RESUMES
 from chatstream_cluster.shared.events import read_events
 from chatstream_cluster.shared.job_state import Attach, new_token
 from chatstream_cluster.shared.redis_errors import TRANSIENT_REDIS_ERRORS
-from chatstream_cluster.shared.schemas import TokenEvent
+from chatstream_cluster.shared.schemas import JobSpec, TokenEvent
 
 if TYPE_CHECKING:
     from chatstream_cluster.gateway.generation import Generation, ResumePoint
@@ -86,8 +86,10 @@ async def start_resume(gen: Generation) -> None:
             raise APIError(400, f"Last-Event-ID is past this stream's last event ({last})",
                            code="invalid_last_event_id", param=LAST_EVENT_ID)
         gen.refuse_if_draining()
+        if peek.spec:  # the job's model, whatever the resuming request names
+            gen.model = JobSpec.unpack(peek.spec).model or gen.model
         if peek.status == "parked":
-            await st.workers.wait_for_worker(st.settings.no_worker_timeout)
+            await st.workers.wait_for_worker(gen.model, st.settings.no_worker_timeout)
         await gen.take_permits()
         await gen.listen()
         outcome = await _attach(gen, peek.spec, requeue=peek.status == "parked")
@@ -133,14 +135,14 @@ async def _attach(gen: Generation, spec: bytes, *, requeue: bool) -> Attach:
         nonce, entry = "", None
         if requeue:
             nonce = new_token()
-            entry = await st.queue.add_entry(gen.job_id, spec, nonce)
+            entry = await st.queue(gen.model).add_entry(gen.job_id, spec, nonce)
         outcome = await st.states.attach(
             gen.job_id, owner=gen.owner, channel=st.dispatcher.reply_channel(gen.job_id),
             listener=gen.listener,
             window_s=st.settings.resume_window, nonce=nonce,
         )
         if entry is not None and outcome is not Attach.REQUEUED:
-            await st.queue.withdraw(entry)  # not the valid entry: no worker needs it
+            await st.queue(gen.model).withdraw(entry)  # not the valid entry: unneeded
         if outcome is Attach.REQUEUED:
             gen.entry_id = entry
         if outcome is not Attach.NEEDS_ENTRY:

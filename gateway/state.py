@@ -17,17 +17,17 @@ from chatstream_cluster.gateway.metrics import TASK_FAILURES
 from chatstream_cluster.gateway.ops_recorder import OpsRecorder
 from chatstream_cluster.gateway.sharded_dispatcher import ShardedDispatcher
 from chatstream_cluster.gateway.workers import WorkerCache
-from chatstream_cluster.shared.cluster_status import cluster_status
+from chatstream_cluster.shared.cluster_status import cluster_status, model_counts
 from chatstream_cluster.shared.job_state import JobStates
 from chatstream_cluster.shared.jobqueue import JobQueue
 from chatstream_cluster.shared.keys import Keys
+from chatstream_cluster.shared.models import ModelRegistry
 from chatstream_cluster.shared.ops_stats import OpsStats
 from chatstream_cluster.shared.redis_client import make_redis
 from chatstream_cluster.shared.redis_errors import TRANSIENT_REDIS_ERRORS, reraise_if_cancelling
 from chatstream_cluster.shared.redis_topology import is_cluster
 from chatstream_cluster.shared.registry import GatewayRegistry, WorkerRegistry
 from chatstream_cluster.shared.schemas import GatewayInfo
-from chatstream_cluster.shared.semaphore import RedisSemaphore
 from chatstream_cluster.shared.sentinel_watch import sentinel_watch
 from chatstream_cluster.shared.settings import GatewaySettings
 from chatstream_cluster.shared.supervise import Supervisor
@@ -51,13 +51,13 @@ class GatewayState:
         self.started_ms = int(time.time() * 1000)
         self.redis = make_redis(settings.redis_url, socket_timeout=settings.redis_timeout,
                                 pool_timeout=REDIS_POOL_WAIT_S)
-        self.queue = JobQueue(self.redis, self.keys, partitions=settings.queue_partitions)
+        self._queues: dict[str, JobQueue] = {}
         self.states = JobStates(self.redis, self.keys)
         self.registry = WorkerRegistry(self.redis, self.keys)
         self.gateways = GatewayRegistry(self.redis, self.keys)
-        self.workers = WorkerCache(self.registry)
-        self.semaphore = RedisSemaphore(self.redis, self.keys, lease_s=settings.permit_lease)
-        self.admission = Admission(self.semaphore, settings, self.workers, self.keys)
+        self.workers = WorkerCache(self.registry, ModelRegistry(self.redis, self.keys),
+                                   declared=settings.models)
+        self.admission = Admission(self.redis, settings, self.workers, self.keys)
         self.dispatcher: Dispatcher | ShardedDispatcher
         if is_cluster(self.redis):  # one sharded channel per job (docs/operations.md)
             self.dispatcher = ShardedDispatcher(self.redis, self.keys, self.gateway_id)
@@ -66,25 +66,56 @@ class GatewayState:
         # Sentinel: follow a failover at once (shared/sentinel_watch.py).
         self.sentinel_watch = sentinel_watch(settings.redis_url, [self._reconnect_dispatcher])
         self.ops_stats = OpsStats(self.redis, self.keys)
-        self.ops_recorder = OpsRecorder(self.ops_stats, self.semaphore, self.queue)
+        self.ops_recorder = OpsRecorder(self.ops_stats, self._queue_depth)
         self.background: set[asyncio.Task] = set()  # per-request cleanups
         self.supervisor = Supervisor(lambda name, _exc: TASK_FAILURES.labels(task=name).inc())
         self.draining = False  # refusing new generations (shutting down)
         self.leaving = False  # SIGTERM seen: /readyz 503, still serving (--shutdown-grace)
 
+    def queue(self, model: str) -> JobQueue:
+        """Served model `model`'s job queue."""
+        queue = self._queues.get(model)
+        if queue is None:
+            queue = JobQueue(self.redis, self.keys, model=model,
+                             partitions=self.settings.queue_partitions)
+            self._queues[model] = queue
+        return queue
+
     def served_models(self) -> list[str]:
-        """Model names requests may ask for: the live workers' models and the configured alias."""
-        names = self.workers.models
-        if self.settings.served_model_name and names:
-            names = sorted({*names, self.settings.served_model_name})
-        return names
+        """Models with a live, serving worker (what `/v1/models` lists)."""
+        return self.workers.models
+
+    def cold_start(self, model: str) -> bool:
+        """A request for `model` waits for a worker to start (`--cold-start-timeout`): the
+        model is known and none of its workers serves now. False when one serves it, for a
+        model the cluster does not know, or when cold starts are off."""
+        w = self.workers
+        return (self.settings.cold_start_timeout > 0 and model in w.known_models
+                and not w.serving_for(model))
+
+    def default_model(self) -> str | None:
+        """The model of requests that name none (the ChatStream endpoints): `--default-model`,
+        else the one model the cluster knows; None when it knows none or several."""
+        if self.settings.default_model:
+            return self.settings.default_model
+        known = self.workers.known_models
+        return next(iter(known)) if len(known) == 1 else None
+
+    async def _queue_depth(self) -> int:
+        """The cluster's queue depth: every known model's, summed (for the ops history)."""
+        total = 0
+        for model in sorted(self.workers.known_models):
+            _held, waiting, undelivered = await model_counts(
+                self.redis, self.keys, model, self.settings.queue_partitions)
+            total += waiting + undelivered
+        return total
 
     def info(self) -> GatewayInfo:
         """This gateway's registry entry."""
         s = self.settings
         return GatewayInfo(
             id=self.gateway_id, pid=os.getpid(), host=socket.gethostname(),
-            max_concurrent=s.max_concurrent, max_queue=s.max_queue,
+            max_concurrent=s.max_concurrent, max_queue=s.max_queue, models=s.models,
             started_ms=self.started_ms, draining=self.draining,
         )
 
@@ -112,17 +143,20 @@ class GatewayState:
         sup.start("queue-partitions", self._check_queue_partitions)
 
     def ready(self) -> dict[str, Any]:
-        """Readiness: Redis answers, a worker is live, no background task is down, not
+        """Readiness: Redis answers, a worker is live (not needed with --cold-start-timeout:
+        the gateway then holds requests while workers start), no background task is down, not
         draining, and no SIGTERM seen (not ready during --shutdown-grace, still serving)."""
         down = dict(self.supervisor.down)
         leaving = self.leaving or self.draining
-        ok = (self.workers.fresh() and bool(self.workers.serving) and not leaving
+        has_workers = bool(self.workers.serving) or self.settings.cold_start_timeout > 0
+        ok = (self.workers.fresh() and has_workers and not leaving
               and not down and self.dispatcher.connected.is_set())
         return {
             "status": "ready" if ok else "not_ready",
             "redis": self.workers.redis_ok,
             "subscribed": self.dispatcher.connected.is_set(),
             "workers": len(self.workers.serving),
+            "models": self.workers.models,
             "draining": leaving,
             "tasks_down": down,
         }
@@ -143,7 +177,7 @@ class GatewayState:
         raises PartitionMismatch: the supervisor logs it and keeps `/readyz` at 503."""
         while True:
             try:
-                await self.queue.check_partitions()
+                await self.queue("").check_partitions()  # the count is cluster-wide
                 return
             except TRANSIENT_REDIS_ERRORS:
                 reraise_if_cancelling()

@@ -1,7 +1,10 @@
-"""The gateway's view of the live workers and of Redis health, refreshed in the background.
+"""The gateway's view of the live workers, the known models and Redis health, refreshed in the
+background.
 
 Requests read this cache instead of asking Redis each time; a request that finds no live
-worker waits for the next refresh that sees one, up to `no_worker_timeout`.
+worker of its model waits for the next refresh that sees one, up to `no_worker_timeout`.
+Known models (shared/models.py): those declared with `--models`, those a worker served within
+a day, and those a live worker serves now.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import logging
 import time
 
 from chatstream_cluster.gateway.errors import APIError, redis_unavailable
+from chatstream_cluster.shared.models import ModelRegistry
 from chatstream_cluster.shared.redis_errors import TRANSIENT_REDIS_ERRORS, reraise_if_cancelling
 from chatstream_cluster.shared.registry import WorkerRegistry
 from chatstream_cluster.shared.schemas import WorkerInfo
@@ -20,12 +24,18 @@ log = logging.getLogger("chatstream.gateway")
 
 
 class WorkerCache:
-    """Live workers as of the last refresh, and whether Redis answered it."""
+    """Live workers and known models as of the last refresh, and whether Redis answered it."""
 
-    def __init__(self, registry: WorkerRegistry, interval: float = 0.5) -> None:
+    def __init__(
+        self, registry: WorkerRegistry, models: ModelRegistry | None = None,
+        declared: list[str] | None = None, interval: float = 0.5,
+    ) -> None:
         self.registry = registry
+        self.model_registry = models
+        self.declared = set(declared or [])
         self.interval = interval
         self.workers: list[tuple[WorkerInfo, float]] = []
+        self.seen: set[str] = set()  # models a worker served lately
         self.redis_ok = False
         self.last_ok = 0.0
         self._changed = asyncio.Event()
@@ -33,6 +43,8 @@ class WorkerCache:
     async def refresh(self) -> None:
         try:
             self.workers = await self.registry.live()
+            if self.model_registry is not None:
+                self.seen = set(await self.model_registry.known())
             self.redis_ok = True
             self.last_ok = time.monotonic()
         except TRANSIENT_REDIS_ERRORS as exc:
@@ -55,22 +67,46 @@ class WorkerCache:
 
     @property
     def serving(self) -> list[WorkerInfo]:
-        """Live workers that take jobs (not draining)."""
+        """Live workers that take jobs (not draining), of every model."""
         return [w for w, _age in self.workers if not w.draining]
 
-    @property
-    def capacity(self) -> int:
-        return sum(w.max_batch for w in self.serving)
+    def serving_for(self, model: str) -> list[WorkerInfo]:
+        """Live workers of `model` that take jobs."""
+        return [w for w in self.serving if w.model == model]
+
+    def live_for(self, model: str) -> list[WorkerInfo]:
+        """Live workers of `model`, draining or not."""
+        return [w for w, _age in self.workers if w.model == model]
+
+    def capacity_for(self, model: str) -> int:
+        """The sum of `model`'s serving workers' `--max-batch`."""
+        return sum(w.max_batch for w in self.serving_for(model))
 
     @property
     def models(self) -> list[str]:
+        """Models with a serving worker."""
         return sorted({w.model for w in self.serving})
 
-    async def wait_for_worker(self, timeout: float) -> None:
-        """Return once a serving worker is known; else 503: at once when Redis is down, after
-        `timeout` when no worker is."""
+    @property
+    def known_models(self) -> set[str]:
+        """Models the cluster knows: declared, served lately, or live now."""
+        return self.declared | self.seen | {w.model for w, _age in self.workers}
+
+    async def wait_for_any(self, timeout: float) -> None:
+        """Return once some model is known (or Redis is down), or after `timeout`."""
         deadline = time.monotonic() + timeout
-        while self.redis_ok and not self.serving:  # Redis down: waiting cannot help, 503 now
+        while self.redis_ok and not self.known_models:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    async def wait_for_worker(self, model: str, timeout: float) -> None:
+        """Return once a serving worker of `model` is known; else 503: at once when Redis is
+        down, after `timeout` when no worker of it is."""
+        deadline = time.monotonic() + timeout
+        while self.redis_ok and not self.serving_for(model):  # Redis down: 503 now
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -78,10 +114,11 @@ class WorkerCache:
                 await asyncio.wait_for(self._changed.wait(), remaining)
         if not self.redis_ok:
             raise redis_unavailable()
-        if not self.serving:
+        if not self.serving_for(model):
             raise APIError(
                 503,
-                "no worker is available to serve this request; start a worker or retry later",
+                f"no worker of model {model!r} is available to serve this request; start a "
+                "worker or retry later",
                 code="no_worker",
                 headers={"Retry-After": "5"},
             )

@@ -4,9 +4,10 @@ ChatStream's /get_load and `chatstream status`.
 - `queue_depth`: requests waiting = `waiting_for_permit` (in the semaphore's line) +
   `undelivered_jobs` (admitted and enqueued, not yet read by a worker).
 - `running`: generation permits held (leases of dead gateways are purged first).
-- `capacity`: the cap the gateways enforce: their `--max-concurrent` as they publish it in the
-  gateway registry (the largest, if they differ), or when none sets one, the sum of the live,
-  not draining workers' `--max-batch` (what the gateways' admission derives).
+- `capacity`: the cap the gateways enforce, per model: their `--max-concurrent` as they
+  publish it in the gateway registry (the largest, if they differ), or when none sets one, the
+  sum of the model's live, not draining workers' `--max-batch` (what the gateways' admission
+  derives).
 - `gateways`: the live gateways and the admission settings each enforces.
 - `workers`: the live workers, sorted by id; one that missed its heartbeats for
   `--worker-ttl` is gone from the list. Each has a `state`: `draining`, `stale` (no heartbeat
@@ -16,6 +17,11 @@ ChatStream's /get_load and `chatstream status`.
 - `waiting_in_workers`: the workers' `waiting`, summed.
 - `last_minute`: cluster-wide tokens/s, TTFT p50/p99 and rejections by reason over the last
   minute, summed from what every gateway counted (shared/ops_stats.py).
+- `models`: one entry per served model the cluster knows (shared/models.py: served lately,
+  declared by a gateway's `--models`, or live now), with that model's own `queue_depth`
+  (`waiting_for_permit` + `undelivered_jobs`), `running`, `capacity`, `workers` (live),
+  `serving` (live, not draining), `waiting_in_workers` and `tokens_per_s`. The cluster-wide
+  `queue_depth`, `running`, `capacity` and their parts above are the sums over the models.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import redis.asyncio as aioredis
 
 from chatstream_cluster.shared.jobqueue import JobQueue
 from chatstream_cluster.shared.keys import Keys
+from chatstream_cluster.shared.models import ModelRegistry
 from chatstream_cluster.shared.ops_stats import OpsStats
 from chatstream_cluster.shared.registry import GatewayRegistry, WorkerRegistry
 from chatstream_cluster.shared.semaphore import RedisSemaphore
@@ -45,13 +52,22 @@ def capacity_of(max_concurrents: list[int], worker_batches: list[int]) -> int:
     return max((m for m in max_concurrents if m > 0), default=0) or sum(worker_batches)
 
 
+async def model_counts(
+    redis: aioredis.Redis, keys: Keys, model: str, partitions: int
+) -> tuple[int, int, int]:
+    """(running, waiting for a permit, undelivered jobs) of served model `model`."""
+    held, waiting = await RedisSemaphore(redis, keys, keys.model_semaphore(model)).counts()
+    undelivered = await JobQueue(redis, keys, model=model, partitions=partitions).undelivered()
+    return held, waiting, undelivered
+
+
 async def cluster_status(redis: aioredis.Redis, keys: Keys) -> dict[str, Any]:
     """The status object (see the module docstring); raises the client's Redis errors."""
-    held, waiting = await RedisSemaphore(redis, keys).counts()
     partitions = int(await redis.get(keys.queue_partitions) or 1)  # as the processes agreed
-    undelivered = await JobQueue(redis, keys, partitions=partitions).undelivered()
     live = await WorkerRegistry(redis, keys).live()
     gateways = await GatewayRegistry(redis, keys).live()
+    seen = await ModelRegistry(redis, keys).known()
+    declared = {m for g, _ in gateways for m in g.models}
     workers = [
         {
             "id": w.id,
@@ -71,22 +87,43 @@ async def cluster_status(redis: aioredis.Redis, keys: Keys) -> dict[str, Any]:
         }
         for w, age in live
     ]
-    capacity = capacity_of(
-        [g.max_concurrent for g, _ in gateways], [w.max_batch for w, _ in live if not w.draining]
-    )
+    caps = [g.max_concurrent for g, _ in gateways]
+    models = []
+    for name in sorted({*seen, *declared, *(w["model"] for w in workers)}):
+        held, waiting, undelivered = await model_counts(redis, keys, name, partitions)
+        mine = [w for w in workers if w["model"] == name]
+        serving = [w for w in mine if not w["draining"]]
+        models.append({
+            "name": name,
+            "queue_depth": waiting + undelivered,
+            "waiting_for_permit": waiting,
+            "undelivered_jobs": undelivered,
+            "running": held,
+            "capacity": capacity_of(caps, [w["max_batch"] for w in serving]),
+            "workers": len(mine),
+            "serving": len(serving),
+            "waiting_in_workers": sum(w["waiting"] for w in mine),
+            "tokens_per_s": round(sum(w["tokens_per_s"] for w in mine), 1),
+            "declared": name in declared,
+        })
+
+    def total(field: str) -> int:
+        return sum(m[field] for m in models)
+
     return {
-        "queue_depth": waiting + undelivered,
-        "waiting_for_permit": waiting,
-        "undelivered_jobs": undelivered,
-        "running": held,
-        "capacity": capacity,
+        "queue_depth": total("queue_depth"),
+        "waiting_for_permit": total("waiting_for_permit"),
+        "undelivered_jobs": total("undelivered_jobs"),
+        "running": total("running"),
+        "capacity": total("capacity"),
         "gateways": [
             {"id": g.id, "host": g.host, "pid": g.pid, "max_concurrent": g.max_concurrent,
-             "max_queue": g.max_queue, "draining": g.draining,
+             "max_queue": g.max_queue, "models": g.models, "draining": g.draining,
              "last_heartbeat_s": round(age, 3)}
             for g, age in gateways
         ],
         "waiting_in_workers": sum(w["waiting"] for w in workers),
+        "models": models,
         "workers": workers,
         "last_minute": await OpsStats(redis, keys).last_minute(),
     }

@@ -1,4 +1,6 @@
-"""The job queue: a Redis Stream read by the workers' consumer group (at-least-once).
+"""A served model's job queue: a Redis Stream read by its workers' consumer group
+(at-least-once). Every served model has its own (`Keys.job_stream`), so a worker takes only
+its own model's jobs and one model's backlog never sits in front of another's.
 
 A job's life: the gateway `enqueue`s it (meta hash with attempt 0, then XADD); a worker
 reads it (`read`), fences it (`JobStates.begin_attempt` bumps the attempt, shared/job_state.py),
@@ -68,13 +70,16 @@ def _decode_entry(
 
 
 class JobQueue:
-    """Producer and consumer side of the job stream(s)."""
+    """Producer and consumer side of served model `model`'s job stream(s)."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, *, partitions: int = 1) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, keys: Keys, *, model: str, partitions: int = 1
+    ) -> None:
         self.redis = redis
         self.keys = keys
+        self.model = model
         self.partitions = partitions
-        self.streams = [keys.job_stream(i) for i in range(partitions)]
+        self.streams = [keys.job_stream(model, i) for i in range(partitions)]
         self._cluster = is_cluster(redis)
         self._reader = PartitionReader(redis, self.streams, JOBS_GROUP) if partitions > 1 else None
 
@@ -198,7 +203,7 @@ class JobQueue:
                 for p, eid, fields in await self._reader.read(consumer, count, block_ms)
             ]
         reply = await self.redis.xreadgroup(
-            JOBS_GROUP, consumer, {self.keys.jobs: ">"}, count=count, block=block_ms
+            JOBS_GROUP, consumer, {self.streams[0]: ">"}, count=count, block=block_ms
         )
         entries: list[JobEntry] = []
         for _stream, items in reply or []:

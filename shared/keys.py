@@ -1,15 +1,19 @@
 """Every Redis key and channel name of the cluster, built under one configurable prefix.
 
-No key is built from unchecked input: ids that reach a key name must match `SAFE_ID`.
-Per-job keys share a hash tag (`{job_id}`) so a job's keys stay in one Redis Cluster slot.
+No key is built from unchecked input: ids that reach a key name must match `SAFE_ID`, and a
+served model's name (any text, e.g. `Qwen/Qwen2.5-7B-Instruct`) reaches one only as its
+`model_tag`. Per-job keys share a hash tag (`{job_id}`) so a job's keys stay in one Redis
+Cluster slot; a model's job streams are one key each (partitions spread over slots).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 JOBS_GROUP = "workers"
+_PLAIN_TAG = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 class UnsafeIdError(ValueError):
@@ -23,6 +27,17 @@ def safe_id(value: str) -> str:
     return value
 
 
+def model_tag(name: str) -> str:
+    """The key-safe form of a served model name: the name itself when it is plain
+    (`[A-Za-z0-9_.-]`, at most 64 characters), else a readable part plus a digest of the whole
+    name (`Qwen_Qwen2.5-7B-Instruct-3f9c0a1b2c`), so two names never share a tag."""
+    if _PLAIN_TAG.match(name):
+        return name
+    readable = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:40]
+    digest = hashlib.blake2b(name.encode(), digest_size=5).hexdigest()
+    return f"{readable}-{digest}"
+
+
 class Keys:
     """Key and channel names under `prefix`."""
 
@@ -33,15 +48,18 @@ class Keys:
         return ":".join((self.prefix, *parts))
 
     # --- job queue -------------------------------------------------------------------------
-    @property
-    def jobs(self) -> str:
-        """Stream of job specs, read by the workers' consumer group."""
-        return self._k("jobs")
+    def job_stream(self, model: str, partition: int = 0) -> str:
+        """Partition `partition` of served model `model`'s job queue (`--queue-partitions`),
+        a stream read by that model's workers' consumer group. Each partition is its own key,
+        so on a cluster each lives in its own slot."""
+        base = ("model", model_tag(model), "jobs")
+        return self._k(*base) if partition == 0 else self._k(*base, f"p{int(partition)}")
 
-    def job_stream(self, partition: int) -> str:
-        """Partition `partition` of the job queue (`--queue-partitions`); partition 0 is `jobs`.
-        Each is its own key, so on a cluster each lives in its own slot."""
-        return self.jobs if partition == 0 else self._k("jobs", f"p{int(partition)}")
+    @property
+    def models(self) -> str:
+        """Hash: served model name -> when a worker of it last heartbeated (ms, Redis clock);
+        the models the gateways know (shared/models.py)."""
+        return self._k("models")
 
     @property
     def queue_partitions(self) -> str:
@@ -97,6 +115,11 @@ class Keys:
         return self._k("gateway", safe_id(gateway_id))
 
     # --- semaphore -------------------------------------------------------------------------
+    @staticmethod
+    def model_semaphore(model: str) -> str:
+        """Name of the semaphore that caps served model `model`'s running generations."""
+        return "model-" + model_tag(model)
+
     def sem_holders(self, name: str) -> str:
         """Sorted set: permit id -> lease expiry (ms)."""
         return self._k("sem", "{" + safe_id(name) + "}", "holders")

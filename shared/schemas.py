@@ -136,7 +136,7 @@ class WorkerInfo(BaseModel):
     id: str
     pid: int
     host: str
-    model: str
+    model: str  # the served name: its job queue, capacity and metrics label
     device: str
     max_batch: int
     running: int = 0
@@ -157,8 +157,9 @@ class GatewayInfo(BaseModel):
     id: str
     pid: int
     host: str
-    max_concurrent: int = 0  # 0 = derived from the live workers
-    max_queue: int = 0
+    max_concurrent: int = 0  # per model; 0 = derived from the model's live workers
+    max_queue: int = 0  # per model
+    models: list[str] = Field(default_factory=list)  # declared (--models): known with no worker
     started_ms: int = 0
     draining: bool = False
 

@@ -68,6 +68,12 @@ class WorkerSettings(CommonSettings):
     model: str = Field(
         "demo", description="demo (tiny local Llama), mock (no torch), or an HF model id / folder."
     )
+    served_model_name: str = Field(
+        "",
+        description="The name clients ask for in `model` (and the model's queue, capacity and "
+        "metrics label); empty = --model as given. Workers with the same name serve one model "
+        "together.",
+    )
     device: str = Field("cpu", description="cpu, cuda, or cuda:N (pins GPU N).")
     max_batch: int = Field(16, ge=1, le=4096, description="Most sequences generated together.")
     mock_tokens_per_s: float = Field(
@@ -147,19 +153,39 @@ class GatewaySettings(CommonSettings):
     max_concurrent: int = Field(
         0,
         ge=0,
-        description="Cluster-wide cap on running generations; 0 = sum of live workers' "
-        "--max-batch.",
+        description="Cap on running generations of each served model, cluster-wide; 0 = the "
+        "sum of that model's live workers' --max-batch.",
     )
-    max_queue: int = Field(64, ge=0, description="Most requests waiting for a permit (cluster).")
+    max_queue: int = Field(
+        64, ge=0,
+        description="Most requests waiting for a permit, per served model, cluster-wide.",
+    )
     queue_timeout: float = Field(60.0, gt=0, description="Most seconds a request waits in line.")
     permit_lease: float = Field(
         15.0, gt=0, le=300, description="A permit not refreshed this long is freed (crash)."
     )
     no_worker_timeout: float = Field(
-        3.0, gt=0, description="Seconds to wait for a live worker before answering 503."
+        3.0, gt=0,
+        description="Seconds a request for a model with no live worker waits for one before "
+        "answering 503 (without --cold-start-timeout).",
     )
-    served_model_name: str = Field(
-        "", description="Model name the API reports; empty = the workers' model."
+    cold_start_timeout: float = Field(
+        0.0, ge=0, le=3600,
+        description="Scale from zero: a request for a known model with no live worker waits in "
+        "that model's line (within --max-queue) for this long while a worker starts, instead "
+        "of 503 after --no-worker-timeout; streams get SSE comments meanwhile. Also keeps "
+        "/readyz ready with no worker. 0 = off.",
+    )
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Served model names this cluster serves even while no worker of them runs "
+        "(scale from zero); models whose workers ran within a day are known anyway "
+        "(repeatable; env: comma-separated CHATSTREAM_MODELS).",
+    )
+    default_model: str = Field(
+        "",
+        description="Model of the ChatStream endpoints (their requests name none); empty = the "
+        "one model the cluster knows.",
     )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request has none.")
     max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask.")
@@ -267,7 +293,7 @@ class GatewaySettings(CommonSettings):
         "`chatstream feedback`).",
     )
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "models", mode="before")
     @classmethod
     def _keys_from_csv(cls, value: Any) -> Any:
         return _split_csv(value)
@@ -276,8 +302,23 @@ class GatewaySettings(CommonSettings):
 class UpSettings(GatewaySettings, WorkerSettings):
     """Settings of `chatstream up`: every gateway and worker setting plus the local cluster's."""
 
+    @field_validator("worker", mode="before")
+    @classmethod
+    def _workers_from_csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
     redis_url: str = Field("", description="Redis URL; empty = start an embedded Redis.")
-    workers: str = Field("auto", pattern=r"^(auto|[0-9]+)$", description="auto or a number.")
+    workers: str = Field(
+        "auto", pattern=r"^(auto|[0-9]+)$",
+        description="Workers of --model: auto (one per visible CUDA device, else one) or a "
+        "number.",
+    )
+    worker: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="MODEL[:N]: start N workers (default 1) of MODEL, served under that name; "
+        "repeat for several models side by side. Replaces --model/--workers (env: "
+        "comma-separated CHATSTREAM_WORKER).",
+    )
     data_dir: str = Field(".chatstream", description="Folder for the embedded Redis's data.")
     redis_maxmemory: str = Field(
         "2gb", pattern=r"^[0-9]+(b|kb|mb|gb)?$",

@@ -33,6 +33,7 @@ from chatstream_cluster.shared.events import (
 from chatstream_cluster.shared.job_state import JobStates
 from chatstream_cluster.shared.jobqueue import JobEntry, JobQueue
 from chatstream_cluster.shared.keys import Keys
+from chatstream_cluster.shared.models import ModelRegistry, check_served_name
 from chatstream_cluster.shared.redis_client import make_pubsub_redis, make_redis
 from chatstream_cluster.shared.redis_errors import TRANSIENT_REDIS_ERRORS, reraise_if_cancelling
 from chatstream_cluster.shared.registry import WorkerRegistry
@@ -86,10 +87,14 @@ class Worker:
         self.keys = Keys(settings.key_prefix)
         suffix = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.id = settings.worker_id or f"{socket.gethostname()}-{suffix}"
+        # The served name: this worker takes the jobs of that model's queue only.
+        self.model = check_served_name(settings.served_model_name or settings.model)
         self.redis = make_redis(settings.redis_url)
-        self.queue = JobQueue(self.redis, self.keys, partitions=settings.queue_partitions)
+        self.queue = JobQueue(self.redis, self.keys, model=self.model,
+                              partitions=settings.queue_partitions)
         self.states = JobStates(self.redis, self.keys)
         self.registry = WorkerRegistry(self.redis, self.keys)
+        self.models = ModelRegistry(self.redis, self.keys)
         self.publisher = Publisher(
             EventWriter(self.redis, self.keys, settings.event_stream_ttl), self,
             settings.no_subscriber_timeout,
@@ -121,7 +126,8 @@ class Worker:
         watch = sentinel_watch(self.settings.redis_url)  # Sentinel: follow a failover at once
         if watch is not None:
             supervisor.start("sentinel-watch", watch.run)
-        log.info("worker ready", extra={"worker_id": self.id, "model": self.engine.model_name})
+        log.info("worker ready", extra={"worker_id": self.id, "model": self.model,
+                                        "source": self.engine.model_name})
         try:
             await self._intake()
             await self._wait_drained()
@@ -227,6 +233,10 @@ class Worker:
                 extra={"entry_id": entry.entry_id, "error": entry.error},
             )
             await self.queue.dead_letter(entry, entry.error)
+            return
+        if spec.model and spec.model != self.model:  # never routed here by a gateway
+            await self.queue.dead_letter(entry, f"job for model {spec.model!r} in the queue of "
+                                         f"{self.model!r}")
             return
         if spec.job_id in self.active:
             # A resumed job whose earlier attempt is still leaving this worker: start it after.
@@ -395,7 +405,7 @@ class Worker:
         gpus, cpu = resource_snapshot(self.settings.device)
         load = self.engine.load() if hasattr(self.engine, "load") else EngineLoad()
         return WorkerInfo(
-            id=self.id, pid=os.getpid(), host=socket.gethostname(), model=self.engine.model_name,
+            id=self.id, pid=os.getpid(), host=socket.gethostname(), model=self.model,
             device=self.settings.device, max_batch=self.engine.max_batch,
             running=len(self.active), max_context=self.engine.max_context,
             started_ms=self.started_ms, draining=self._draining.is_set(), gpus=gpus, cpu=cpu,
@@ -407,6 +417,7 @@ class Worker:
         while True:
             try:
                 await self.registry.heartbeat(self.info(), self.settings.worker_ttl)
+                await self.models.seen(self.model)
                 await self.queue.touch(self.id, [j.entry_id for j in self.active.values()])
             except TRANSIENT_REDIS_ERRORS as exc:
                 reraise_if_cancelling()

@@ -9,6 +9,7 @@ import signal
 from chatstream_cluster.shared.jobqueue import PartitionMismatch
 from chatstream_cluster.shared.logs import setup_logging
 from chatstream_cluster.shared.settings import WorkerSettings
+from chatstream_cluster.worker.engine.faults import cold_start_seconds
 from chatstream_cluster.worker.engine_api import UnsupportedModel
 from chatstream_cluster.worker.factory import make_engine, warm_up
 from chatstream_cluster.worker.loop import Worker
@@ -19,6 +20,11 @@ log = logging.getLogger("chatstream.worker")
 async def serve(settings: WorkerSettings) -> int:
     """Run one worker until SIGTERM/SIGINT, then drain; the exit code (1: the engine died or
     kept failing, 2: the model or its settings cannot be served, with the reason logged)."""
+    delay = cold_start_seconds()  # test only (worker/engine/faults.py)
+    if delay:
+        log.warning("test-only cold start: waiting before loading the model",
+                    extra={"seconds": round(delay, 1)})
+        await asyncio.sleep(delay)
     try:
         engine = await asyncio.to_thread(make_engine, settings)
     except UnsupportedModel as exc:

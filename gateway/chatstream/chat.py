@@ -4,6 +4,9 @@ The answer is `text/plain; charset=utf-8` where every chunk is the whole reply s
 by `<::EOS::>`, with header `X-ChatStream-Last-Generated-Message-Id`. The turn holds the
 session's lock, so a second turn of a session while one runs gets 409 at once; its reply is
 saved to the session before the body ends, so the next turn (on any gateway) sees it.
+
+A turn names no model: it goes to `--default-model`, or to the one model the cluster knows
+(`turn_model`).
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ from starlette.responses import Response
 
 from chatstream_cluster.gateway.auth import api_key_id
 from chatstream_cluster.gateway.chatstream.context import SessionContext
-from chatstream_cluster.gateway.errors import APIError
+from chatstream_cluster.gateway.errors import APIError, redis_unavailable
 from chatstream_cluster.gateway.generation import NORMAL_ENDS, Generation, run_generation
 from chatstream_cluster.gateway.request_id import client_request_id
 from chatstream_cluster.gateway.sessions.history import Message, to_chat, trim_history
 from chatstream_cluster.gateway.sessions.params import sampling_for
 from chatstream_cluster.gateway.sessions.store import Session
 from chatstream_cluster.gateway.sessions.turn import Notifier, SessionTurn
+from chatstream_cluster.gateway.state import GatewayState
 from chatstream_cluster.gateway.streaming import GenerationResponse
 
 EOS_MARK = "<::EOS::>"
@@ -78,6 +82,7 @@ async def chat_turn(
             why = " (the session's history budget)" if longest < s.max_message_chars else ""
             raise APIError(400, f"user_input is longer than {longest} characters{why}",
                            code="message_too_long", param="user_input")
+    model = await turn_model(ctx.state)
     lock = await ctx.store.lock(ctx.sid)
     if lock is None:
         raise APIError(409, "this session is already generating a reply; wait for it to "
@@ -91,7 +96,7 @@ async def chat_turn(
         gen = Generation(
             ctx.state, to_chat(head + base),
             sampling_for(session.params(options.default_params), s.default_max_tokens),
-            route="chatstream", owner=f"sid:{ctx.sid}",
+            model=model, route="chatstream", owner=f"sid:{ctx.sid}",
             request_id=client_request_id(request), return_prompt=True,
         )
         gen.extra_permits = ctx.state.admission.extra_permits(api_key_id(request))
@@ -106,6 +111,27 @@ async def chat_turn(
     response = GenerationResponse(gen, _chunks(gen, turn), "text/plain; charset=utf-8",
                                   headers=headers, errors_in_band=False)
     return ctx.with_cookie(response)
+
+
+async def turn_model(state: GatewayState) -> str:
+    """The model of a ChatStream turn: `--default-model`, else the one model the cluster knows
+    (waiting up to `--no-worker-timeout` for a first worker). 503 when it knows several and
+    no default is set, or none."""
+    model = state.default_model()
+    if model is None and not state.workers.known_models:
+        await state.workers.wait_for_any(state.settings.no_worker_timeout)
+        model = state.default_model()
+    if model is not None:
+        return model
+    known = sorted(state.workers.known_models)
+    if not known and not state.workers.redis_ok:
+        raise redis_unavailable()
+    if not known:
+        raise APIError(503, "no worker is available to serve this request; start a worker or "
+                       "retry later", code="no_worker", headers={"Retry-After": "5"})
+    raise APIError(503, f"this cluster serves several models ({', '.join(known)}) and the "
+                   "ChatStream endpoints name none: start the gateways with --default-model",
+                   code="default_model_unset")
 
 
 def _turn_messages(session: Session, req: ChatStreamRequest) -> list[Message]:

@@ -72,9 +72,15 @@ class ChunkEncoder:
         """Any payload with SSE id `<job id>:<seq>` (the usage chunk)."""
         return b"id: %s:%d\ndata: %s\n\n" % (self.event_id, seq, orjson.dumps(payload))
 
-    def data(self, payload: dict[str, Any]) -> bytes:
-        """An event without id (an error: a resume continues from the last content)."""
-        return b"data: %s\n\n" % orjson.dumps(payload)
+
+DONE = b"data: [DONE]\n\n"
+
+
+def error_event(err: JobError) -> bytes:
+    """The SSE event a stream that did not end normally ends with (then [DONE]): no id, so a
+    resume continues from the last content."""
+    return b"data: %s\n\n" % orjson.dumps({"error": {
+        "message": err.message, "type": "server_error", "param": None, "code": err.code}})
 
 
 async def sse_events(gen: Generation, model: str, include_usage: bool) -> AsyncIterator[bytes]:
@@ -90,10 +96,8 @@ async def sse_events(gen: Generation, model: str, include_usage: bool) -> AsyncI
             if include_usage:
                 yield enc.event({**enc.head, "choices": [], "usage": _usage(gen)}, ev.seq + 2)
     if gen.finish_reason not in NORMAL_ENDS:
-        err = _error(gen)
-        yield enc.data({"error": {"message": err.message, "type": "server_error",
-                                  "param": None, "code": err.code}})
-    yield b"data: [DONE]\n\n"
+        yield error_event(_error(gen))
+    yield DONE
 
 
 async def collect(gen: Generation, model: str) -> dict[str, Any]:

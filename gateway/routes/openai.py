@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 
 from chatstream_cluster.gateway.auth import api_key_id
 from chatstream_cluster.gateway.body import read_json
+from chatstream_cluster.gateway.cold_start import cold_start_events
 from chatstream_cluster.gateway.completions.encode import SSE_HEADERS, collect, sse_events
 from chatstream_cluster.gateway.completions.request import (
     ChatCompletionRequest,
@@ -36,13 +37,15 @@ router = APIRouter()
 
 
 def resolve_model(requested: str, state: GatewayState) -> str:
-    """The served model name; 404 for a model no live worker serves."""
-    served = state.served_models()
-    if requested in served or not state.workers.serving:  # no worker: start() answers 503
+    """The served model a request names; 404 for a model the cluster does not know. A cluster
+    that knows no model yet (no worker ever served, none declared) lets the request through:
+    its start answers 503 `no_worker` after `--no-worker-timeout`."""
+    known = state.workers.known_models
+    if requested in known or not known:
         return requested
     raise APIError(
         404,
-        f"model {requested!r} does not exist; available: {', '.join(served)}",
+        f"model {requested!r} does not exist; available: {', '.join(sorted(known))}",
         code="model_not_found",
         param="model",
     )
@@ -77,16 +80,21 @@ async def chat_completions(request: Request) -> Any:
         state,
         [m.to_chat() for m in req.messages],
         sampling,
+        model=model,
         route="openai",
         owner=f"key:{key_id}" if key_id else "open",
         request_id=client_request_id(request),
         resume=resume,
     )
     gen.extra_permits = state.admission.extra_permits(key_id)
-    await run_generation(gen, request.receive)
     headers = {"X-Request-ID": gen.request_id}
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    if req.stream and not resume and state.cold_start(model):
+        # No worker of the model yet: answer now, keep the line alive while one starts.
+        return GenerationResponse(gen, cold_start_events(gen, model, include_usage),
+                                  "text/event-stream", headers={**SSE_HEADERS, **headers})
+    await run_generation(gen, request.receive)
     if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return GenerationResponse(
             gen,
             sse_events(gen, model, include_usage),
@@ -107,7 +115,7 @@ async def chat_completions(request: Request) -> Any:
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    """The models the live workers serve."""
+    """The models a live worker serves now (a known model with none is left out)."""
     state: GatewayState = request.app.state.gateway
     return {
         "object": "list",

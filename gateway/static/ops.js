@@ -96,6 +96,7 @@
     $("rejected").textContent = fmt(total, 0);
     $("rejected-detail").textContent = Object.entries(rejected)
       .map(([reason, n]) => `${reason} ${n}`).join(" · ");
+    renderModels(s.models || []);
     renderWorkers(s.workers);
     $("updated").textContent = `Updated ${new Date().toLocaleTimeString()}.`;
   }
@@ -124,6 +125,28 @@
     bar.append(fill);
     wrap.append(bar, `${Math.round(pct)}% (${fmt(used, 0)} / ${fmt(total, 0)} tokens)`);
     return wrap;
+  }
+
+  const MODEL_COLUMNS = ["Model", "Queue depth", "Running / capacity", "Workers",
+    "Waiting in workers", "Tok/s"];
+
+  function renderModels(models) {
+    const rows = models.map((m) => {
+      const tr = document.createElement("tr");
+      tr.dataset.model = m.name;
+      const workers = m.serving === m.workers ? `${m.workers}`
+        : `${m.serving} serving / ${m.workers} live`;
+      tr.append(
+        cell(m.name), cell(fmt(m.queue_depth, 0), "queue"),
+        cell(`${m.running} / ${m.capacity}`, "running"),
+        cell(m.workers === 0 ? "none (cold)" : workers, "model-workers"),
+        cell(fmt(m.waiting_in_workers, 0)), cell(fmt(m.tokens_per_s)),
+      );
+      [...tr.children].forEach((td, i) => { td.dataset.label = MODEL_COLUMNS[i]; });
+      return tr;
+    });
+    $("models").tBodies[0].replaceChildren(...rows);
+    $("no-models").hidden = models.length > 0;
   }
 
   function renderWorkers(workers) {

@@ -1,5 +1,6 @@
-"""The cluster the docs' code blocks run against: one mock worker and two gateways (one open,
-one with keys), started once for the whole docs test (tests/docs/snippets.py says how the
+"""The cluster the docs' code blocks run against: two mock workers, one served as model `mock`
+and one as `demo`, and two gateways (one open, one with keys; the ChatStream endpoints use
+`demo`), started once for the whole docs test (tests/docs/snippets.py says how the
 blocks address them)."""
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ def docs_target(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFact
     keys = {"api_keys": ["docs-test-api-key"], "admin_key": "docs-test-admin-key"}
     try:
         cluster.start_worker("mock")
-        open_gateway = cluster.start_gateway(served_model_name="demo")
-        keyed_gateway = cluster.start_gateway(served_model_name="demo", **keys)
-        cluster.wait_ready(open_gateway)
-        cluster.wait_ready(keyed_gateway)
+        cluster.start_worker("mock", served_model_name="demo")  # two models side by side
+        open_gateway = cluster.start_gateway(default_model="demo")
+        keyed_gateway = cluster.start_gateway(default_model="demo", **keys)
+        cluster.wait_ready(open_gateway, workers=2)
+        cluster.wait_ready(keyed_gateway, workers=2)
         yield Target(open_gateway.url, keyed_gateway.url, keys["api_keys"][0],
                      keys["admin_key"], redis_server.url, prefix)
     finally:

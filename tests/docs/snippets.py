@@ -7,7 +7,8 @@ and the new side of every ```diff block (as Python), unless the line right befor
 How they run, in a fresh temporary folder:
 - addresses: `127.0.0.1:8000` and `localhost:8000` are an open gateway, `gateway:8000` a
   gateway with an API key and an admin key; every `redis://` / `rediss://` URL is the test's
-  Redis. One mock worker serves both gateways, as model `mock` and as `demo`;
+  Redis. Two mock workers serve both gateways, one as model `mock` and one as
+  `demo` (the ChatStream endpoints' default);
 - environment: the project's venv first on PATH (`python`, `chatstream`); `KEY` and
   `CHATSTREAM_ADMIN_KEY` are that gateway's keys, `SECRET` a session secret, and
   `CHATSTREAM_REDIS_URL` / `CHATSTREAM_KEY_PREFIX` name the test cluster;

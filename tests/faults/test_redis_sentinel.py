@@ -76,7 +76,7 @@ async def streams_through_a_kill(url: str, kill) -> list[Outcome]:  # noqa: ANN0
 async def held_permits(url: str, prefix: str) -> list[str]:
     redis = make_redis(url)
     try:
-        return await RedisSemaphore(redis, Keys(prefix)).holders()
+        return await RedisSemaphore(redis, Keys(prefix), Keys.model_semaphore("mock")).holders()
     finally:
         await redis.aclose()
 

@@ -55,7 +55,7 @@ def test_chatstream_reply_cut_by_a_dead_worker_is_not_complete_and_never_runs_ag
     assert meta(cluster, job)["cancel"] == "1"  # stopped: whoever picks it up next parks it
     cluster.start_worker("mock", worker_ttl=1.0, job_claim_idle=1.0)
     wait_until(lambda: admin(gateway)["workers"], 30, what="the new worker")
-    jobs = Keys(cluster.key_prefix).jobs
+    jobs = Keys(cluster.key_prefix).job_stream("mock")
     with redis_client(cluster) as r:  # the dead worker's entry is claimed, seen parked, dropped
         wait_until(lambda: r.xlen(jobs) == 0, 20, what="the parked job's entry to be dropped")
     state = meta(cluster, job)
@@ -109,7 +109,7 @@ def test_a_lapsed_permit_over_a_full_cap_ends_its_stream_explicitly(cluster) -> 
     cluster.start_worker("mock", mock_tokens_per_s=20, max_batch=4)
     gateway = cluster.start_gateway(max_concurrent=1, permit_lease=1.5, queue_timeout=20)
     cluster.wait_ready(gateway)
-    holders = Keys(cluster.key_prefix).sem_holders("global")
+    holders = Keys(cluster.key_prefix).sem_holders(Keys.model_semaphore("mock"))
     with open_stream(gateway.url, body("lapse", 200)) as (resp, record):
         record.feed(stop_after_chunks=2)
         with redis_client(cluster) as r:
@@ -131,7 +131,7 @@ def test_a_lapsed_permit_under_the_cap_is_taken_again(cluster) -> None:  # noqa:
     cluster.start_worker("mock", mock_tokens_per_s=30)
     gateway = cluster.start_gateway(permit_lease=1.5)
     cluster.wait_ready(gateway)
-    holders = Keys(cluster.key_prefix).sem_holders("global")
+    holders = Keys(cluster.key_prefix).sem_holders(Keys.model_semaphore("mock"))
     with open_stream(gateway.url, body("retake", 60)) as (resp, record):
         record.feed(stop_after_chunks=2)
         with redis_client(cluster) as r:

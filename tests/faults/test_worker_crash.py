@@ -103,7 +103,7 @@ def sem_counts(redis_url: str, prefix: str) -> tuple[int, int]:
     async def counts() -> tuple[int, int]:
         client = aioredis.Redis.from_url(redis_url)
         try:
-            return await RedisSemaphore(client, Keys(prefix)).counts()
+            return await RedisSemaphore(client, Keys(prefix), Keys.model_semaphore("mock")).counts()
         finally:
             await client.aclose()
 
@@ -168,7 +168,7 @@ def test_killed_worker_streams_continue_on_survivor_exactly(cluster) -> None:  #
 def consumers(cluster) -> list[str]:  # noqa: ANN001
     client = syncredis.Redis.from_url(cluster.redis_url)
     try:
-        rows = client.xinfo_consumers(Keys(cluster.key_prefix).jobs, "workers")
+        rows = client.xinfo_consumers(Keys(cluster.key_prefix).job_stream("mock"), "workers")
         return sorted(row["name"].decode() for row in rows)
     finally:
         client.close()

@@ -62,7 +62,12 @@ def scrape(gateway) -> dict[tuple[str, frozenset], float]:  # noqa: ANN001
 
 
 def value(samples: dict, name: str, **labels: str) -> float:
-    return samples[(name, frozenset(labels.items()))]
+    """The sum of `name`'s samples that carry `labels` (and any others, e.g. `model`)."""
+    found = [v for (n, have), v in samples.items()
+             if n == name and frozenset(labels.items()) <= have]
+    if not found:
+        raise KeyError((name, labels))
+    return sum(found)
 
 
 CLUSTER = {"scope": "cluster"}
@@ -128,7 +133,7 @@ async def test_metrics_expose_every_metric_with_sane_values(cluster) -> None:  #
     for samples in before:
         for name in ("chatstream_queue_depth", "chatstream_running", "chatstream_capacity",
                      "chatstream_workers"):
-            assert (name, frozenset(CLUSTER.items())) in samples, name
+            assert (name, frozenset({**CLUSTER, "model": "mock"}.items())) in samples, name
         assert value(samples, "chatstream_rejected_total", reason="queue_full") == 0
         assert value(samples, "chatstream_generated_tokens_total") == 0
         assert value(samples, "chatstream_time_to_first_token_seconds_count") == 0

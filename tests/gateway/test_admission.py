@@ -44,8 +44,8 @@ def chat_body(content: str, max_tokens: int, *, stream: bool = True) -> dict[str
 
 @pytest.fixture
 def semaphore(redis: aioredis.Redis, key_prefix: str) -> RedisSemaphore:
-    """The gateways' semaphore, seen from the test (for counts() only)."""
-    return RedisSemaphore(redis, Keys(key_prefix))
+    """The mock model's semaphore, seen from the test (for counts() only)."""
+    return RedisSemaphore(redis, Keys(key_prefix), Keys.model_semaphore("mock"))
 
 
 

@@ -33,7 +33,6 @@ from chatstream_cluster.gateway.errors import APIError
 from chatstream_cluster.gateway.security import startup_error
 from chatstream_cluster.shared.keys import Keys
 from chatstream_cluster.shared.redis_server import free_port
-from chatstream_cluster.shared.semaphore import RedisSemaphore
 from chatstream_cluster.shared.settings import (
     DEFAULT_SESSION_SECRET,
     GatewaySettings,
@@ -280,7 +279,7 @@ async def test_per_key_cap_answers_429_and_frees_the_permit_when_done(cluster, r
         again = await client.post(CHAT, json=chat_body(), headers=bearer(KEYS[0]))
         assert again.status_code == 200, again.text
         metrics = (await client.get("/metrics")).text
-    assert 'chatstream_rejected_total{reason="per_key_limit"} 1.0' in metrics
+    assert 'chatstream_rejected_total{model="mock",reason="per_key_limit"} 1.0' in metrics
 
 
 async def _pause() -> None:
@@ -290,24 +289,24 @@ async def _pause() -> None:
 async def test_per_key_permits_are_built_only_for_a_capped_key(redis_url, key_prefix) -> None:  # noqa: ANN001
     client = aioredis.Redis.from_url(redis_url)
     try:
-        sem = RedisSemaphore(client, Keys(key_prefix))
-        uncapped = Admission(sem, GatewaySettings(max_concurrent_per_key=0), None, Keys(key_prefix))
+        uncapped = Admission(client, GatewaySettings(max_concurrent_per_key=0), None,
+                             Keys(key_prefix))
         assert uncapped.extra_permits("abc") == []
         settings = GatewaySettings(max_concurrent_per_key=2)
-        admission = Admission(sem, settings, None, Keys(key_prefix))
+        admission = Admission(client, settings, None, Keys(key_prefix))
         assert admission.extra_permits(None) == []  # keys off: no key id, no cap
         (permit,) = admission.extra_permits("abc")
         assert permit.semaphore.name == "key-abc" and permit.capacity == 2
-        await admission.acquire_extra(permit, "job-1")
-        await admission.acquire_extra(permit, "job-2")
+        await admission.acquire_extra(permit, "job-1", "mock")
+        await admission.acquire_extra(permit, "job-2", "mock")
         with pytest.raises(APIError) as info:
-            await admission.acquire_extra(permit, "job-3")
+            await admission.acquire_extra(permit, "job-3", "mock")
         assert (info.value.status, info.value.code) == (429, "per_key_limit")
         (other,) = admission.extra_permits("def")
-        await admission.acquire_extra(other, "job-4")  # another key is not affected
+        await admission.acquire_extra(other, "job-4", "mock")  # another key: not affected
         await admission.release_extra(permit, "job-1")
         await admission.release_extra(permit, "job-1")  # idempotent
-        await admission.acquire_extra(permit, "job-3")
+        await admission.acquire_extra(permit, "job-3", "mock")
         for job in ("job-2", "job-3"):
             await admission.release_extra(permit, job)
         await admission.release_extra(other, "job-4")

@@ -16,7 +16,11 @@ from chatstream_cluster.shared.semaphore import RedisSemaphore
 
 
 def recorder(redis: aioredis.Redis, keys: Keys) -> OpsRecorder:
-    return OpsRecorder(OpsStats(redis, keys), RedisSemaphore(redis, keys), JobQueue(redis, keys))
+    async def depth() -> int:
+        _held, waiting = await RedisSemaphore(redis, keys, keys.model_semaphore("mock")).counts()
+        return waiting + await JobQueue(redis, keys, model="mock").undelivered()
+
+    return OpsRecorder(OpsStats(redis, keys), depth)
 
 
 async def test_a_failed_flush_keeps_its_counts_for_the_next(
@@ -27,9 +31,10 @@ async def test_a_failed_flush_keeps_its_counts_for_the_next(
     await good.flush()  # whatever earlier tests of this process counted
     before = await good.stats.last_minute()
 
-    TOKENS.inc(7)
-    REJECTED.labels(reason="queue_full").inc()
-    TTFT.observe(0.2)
+    TOKENS.labels(model="mock").inc(4)
+    TOKENS.labels(model="other").inc(3)  # summed over the models
+    REJECTED.labels(reason="queue_full", model="mock").inc()
+    TTFT.labels(model="mock").observe(0.2)
     down = make_redis(f"redis://127.0.0.1:{free_port()}/0")
     try:
         with pytest.raises(Exception):  # noqa: B017 - whichever connection error redis-py raises

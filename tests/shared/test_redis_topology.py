@@ -97,7 +97,7 @@ async def pending_of(redis, queue: JobQueue, consumer: str) -> int:  # noqa: ANN
 async def test_partitions_spread_jobs_and_a_read_never_takes_more_than_asked(
     redis, key_prefix: str  # noqa: ANN001
 ) -> None:
-    queue = JobQueue(redis, Keys(key_prefix), partitions=3)
+    queue = JobQueue(redis, Keys(key_prefix), model="m", partitions=3)
     await queue.check_partitions()
     await queue.ensure_group()
     refs = [await queue.enqueue(spec(f"job{i}"), owner="open", listener="l") for i in range(9)]
@@ -134,16 +134,16 @@ async def test_partitions_spread_jobs_and_a_read_never_takes_more_than_asked(
 
 
 async def test_processes_must_agree_on_the_partition_count(redis, key_prefix: str) -> None:  # noqa: ANN001
-    await JobQueue(redis, Keys(key_prefix), partitions=4).check_partitions()
-    await JobQueue(redis, Keys(key_prefix), partitions=4).check_partitions()
+    await JobQueue(redis, Keys(key_prefix), model="m", partitions=4).check_partitions()
+    await JobQueue(redis, Keys(key_prefix), model="m", partitions=4).check_partitions()
     with pytest.raises(ValueError, match="--queue-partitions 1, but .* use 4"):
-        await JobQueue(redis, Keys(key_prefix)).check_partitions()
+        await JobQueue(redis, Keys(key_prefix), model="m").check_partitions()
 
 
 async def test_a_vanished_job_stream_is_created_again(redis, key_prefix: str) -> None:  # noqa: ANN001
     for partitions in (1, 2):
         keys = Keys(f"{key_prefix}{partitions}")
-        queue = JobQueue(redis, keys, partitions=partitions)
+        queue = JobQueue(redis, keys, model="m", partitions=partitions)
         await queue.ensure_group()
         await redis.delete(*queue.streams)  # what a failover to an unsynced replica leaves
         assert await queue.read("w", 1, block_ms=50) == []
@@ -165,7 +165,7 @@ async def test_writes_that_must_survive_a_failover_wait_for_a_replica(
     wait = ReplicaWait(1, 200, backoff_s=60)
     wait.attach(redis)
     try:
-        queue, states = JobQueue(redis, keys), JobStates(redis, keys)
+        queue, states = JobQueue(redis, keys, model="m"), JobStates(redis, keys)
         await queue.ensure_group()
         started = time.monotonic()
         await queue.enqueue(spec("w1"), owner="open", listener="l")

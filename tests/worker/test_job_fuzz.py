@@ -105,13 +105,13 @@ def test_garbage_jobs_go_to_dead_letters_and_the_worker_keeps_serving(  # noqa: 
     client = sync_redis.Redis.from_url(redis_url)
     try:
         for fields in GARBAGE:
-            client.xadd(keys.jobs, fields)
+            client.xadd(keys.job_stream("mock"), fields)
         wait_until(lambda: _dead_letters(client, keys, worker) >= len(GARBAGE), 15,
                    what="every garbage entry in the dead-letter stream")
         dead = client.xrange(keys.dead_letter)
         assert len(dead) == len(GARBAGE)
         assert all(f[b"reason"] for _, f in dead)
-        assert client.xlen(keys.jobs) == 0  # removed from the queue, not retried forever
+        assert client.xlen(keys.job_stream("mock")) == 0  # removed, not retried forever
     finally:
         client.close()
 
@@ -147,7 +147,7 @@ def test_a_spec_with_an_unsafe_job_id_does_not_kill_the_worker(cluster, redis_ur
     keys = Keys(cluster.key_prefix)
     client = sync_redis.Redis.from_url(redis_url)
     try:
-        client.xadd(keys.jobs, POISON)
+        client.xadd(keys.job_stream("mock"), POISON)
         wait_until(lambda: _dead_letters(client, keys, worker) == 1, 10, what="a dead letter")
     finally:
         client.close()

@@ -132,7 +132,8 @@ def test_kv_use_and_requests_waiting_inside_the_worker_are_reported(
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for family in text_string_to_metric_families(text) for s in family.samples}
     assert ("chatstream_kv_cache_usage_ratio", (("worker", wid),)) in samples
-    assert ("chatstream_waiting_in_workers", (("scope", "cluster"),)) in samples
+    model = worker.settings["model"]
+    assert samples[("chatstream_waiting_in_workers", (("model", model), ("scope", "cluster")))] == 1
     for r in readers:
         assert r.done.wait(120)
         assert r.errors == [] and r.finish == "length"

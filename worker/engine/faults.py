@@ -11,13 +11,32 @@ engine's forwards from 1 (start-up checks and the warm-up excluded):
 
 Faults fire inside the engine's step, after the scheduler has admitted sequences and
 reserved their KV, which is the state a real failure leaves behind.
+
+`CHATSTREAM_TEST_COLD_START` (also TEST ONLY) makes a worker wait before it builds its engine,
+as a pod that pulls an image and loads a model does: `S` seconds, or `A-B` for a random time
+between A and B seconds. The autoscaling test starts `mock` workers with it (worker/main.py).
 """
 
 from __future__ import annotations
 
 import os
+import random
 
 ENV = "CHATSTREAM_TEST_FAULTS"
+COLD_START_ENV = "CHATSTREAM_TEST_COLD_START"
+
+
+def cold_start_seconds() -> float:
+    """The fake start-up delay `CHATSTREAM_TEST_COLD_START` asks for (0 when unset)."""
+    spec = os.environ.get(COLD_START_ENV, "").strip()
+    if not spec:
+        return 0.0
+    low, _, high = spec.partition("-")
+    try:
+        a, b = float(low), float(high or low)
+    except ValueError:
+        raise ValueError(f"{COLD_START_ENV}: cannot read {spec!r} (S or A-B seconds)") from None
+    return random.uniform(min(a, b), max(a, b))
 
 
 class FaultPlan:
