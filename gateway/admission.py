@@ -109,12 +109,12 @@ class Admission:
     async def acquire(self, permit_id: str, model: str, *, cold_start: bool = False) -> None:
         """Wait for a permit of `model`; raises APIError 429 (line full) or 503 (waited too
         long). `cold_start`: no worker of the model runs yet, so wait up to
-        `--cold-start-timeout` (if longer than `--queue-timeout`) for one to start.
+        `--cold-start-timeout` (instead of `--queue-timeout`) for one to start and take it.
 
         Cancellation (client gone) leaves the line at once.
         """
         s = self.settings
-        timeout = max(s.queue_timeout, s.cold_start_timeout) if cold_start else s.queue_timeout
+        timeout = s.cold_start_timeout if cold_start else s.queue_timeout
         self.held[permit_id] = self.held.get(permit_id, 0) + 1  # refreshed from now on
         self.model_of[permit_id] = model
         try:

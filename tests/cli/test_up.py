@@ -194,3 +194,26 @@ def test_the_embedded_redis_has_a_maxmemory_that_never_evicts(up) -> None:  # no
         assert config["maxmemory-policy"] == "noeviction"
     finally:
         client.close()
+
+
+def test_up_serves_two_models_side_by_side(tmp_path, demo_model_dir: str) -> None:  # noqa: ANN001
+    """`--worker mock --worker demo`: one worker of each, each served under its own name."""
+    cache = str(Path(demo_model_dir).parent)  # the session's demo model: built once
+    flags = ("--worker", "mock", "--worker", "demo", "--model-cache-dir", cache)
+    with run_up(tmp_path, flags=flags) as (proc, url, _):
+        assert b"models: mock (1 worker), demo (1 worker)" in (tmp_path / "up.log").read_bytes()
+        listed = httpx.get(url + "/v1/models", timeout=5).json()["data"]
+        assert sorted(m["id"] for m in listed) == ["demo", "mock"]
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+        for model in ("mock", "demo"):
+            reply = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+            assert reply.model == model and reply.usage.completion_tokens >= 1
+        by_model = {w["model"]: w for w in _workers(url)}
+        assert set(by_model) == {"mock", "demo"}
+        status = httpx.get(url + "/admin/status", timeout=5).json()
+        assert [m["name"] for m in status["models"]] == ["demo", "mock"]
+        # The ChatStream endpoints name no model: `up` made the first one the default.
+        turn = httpx.post(url + "/chat_stream", json={"user_input": "hi"}, timeout=30)
+        assert turn.status_code == 200 and turn.text.endswith("<::EOS::>")
+        _stop_and_check_children_exit(proc, _descendants(proc.pid))

@@ -106,3 +106,39 @@ def test_a_worker_count_with_a_device(
     no_nvidia_smi: None, device: str, count: str, devices: list[str]
 ) -> None:
     assert worker_devices(settings(workers=count, device=device)) == devices
+
+
+def test_worker_specs_plan_one_worker_group_per_model(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    plan = up.worker_plan(settings(worker=["mock:2", "Qwen/Qwen2.5-7B-Instruct:2", "demo"]))
+    assert [(w.model, w.device) for w in plan] == [
+        ("mock", "cpu"), ("mock", "cpu"),  # the mock takes no GPU
+        ("Qwen/Qwen2.5-7B-Instruct", "cuda:0"), ("Qwen/Qwen2.5-7B-Instruct", "cuda:1"),
+        ("demo", "cuda:2"),
+    ]
+    with pytest.raises(ValueError, match="more GPU workers than the 3"):
+        up.worker_plan(settings(worker=["demo:4"]))
+
+
+def test_worker_specs_without_gpus_run_on_the_device_given(no_nvidia_smi: None) -> None:
+    plan = up.worker_plan(settings(worker=["mock", "demo:2"]))
+    assert [(w.model, w.device) for w in plan] == [("mock", "cpu"), ("demo", "cpu"),
+                                                   ("demo", "cpu")]
+    # Without --worker: --workers of --model, as before.
+    assert [(w.model, w.device) for w in up.worker_plan(settings())] == [("demo", "cpu")]
+
+
+@pytest.mark.parametrize(("spec", "parsed"), [
+    ("mock", ("mock", 1)), ("mock:3", ("mock", 3)), ("/models/a:b", ("/models/a:b", 1)),
+    ("org/model:2", ("org/model", 2)),
+])
+def test_worker_spec_syntax(spec: str, parsed: tuple[str, int]) -> None:
+    assert up.parse_worker_spec(spec) == parsed
+
+
+@pytest.mark.parametrize("spec", ["", ":2", "mock:0"])
+def test_bad_worker_specs_are_refused(spec: str) -> None:
+    with pytest.raises(ValueError, match="MODEL or MODEL:N"):
+        up.parse_worker_spec(spec)
