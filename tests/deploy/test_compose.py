@@ -33,7 +33,8 @@ PROMETHEUS = DEPLOY / "prometheus.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "chatstream.json"
 GRAFANA_PROVISIONING = DEPLOY / "grafana" / "provisioning"
 
-# Cluster-wide gauges: every gateway exports the same value, so a query must take max, not sum.
+# Cluster-wide gauges: every gateway exports the same value, so a query must take max (by
+# model: one series per served model), never sum them across gateways.
 CLUSTER_GAUGES = [
     "chatstream_queue_depth",
     "chatstream_running",
@@ -467,8 +468,8 @@ def test_dashboard_takes_max_of_cluster_gauges_never_sum() -> None:
         for gauge in CLUSTER_GAUGES:
             for m in re.finditer(rf"(\w+)\s*(?:by\s*\([^)]*\)\s*)?\(\s*{gauge}\b", expr):
                 assert m[1] == "max", f"{gauge} must be aggregated with max: {expr}"
-            if re.search(rf"\b{gauge}\b", expr):
-                assert re.search(rf"max\s*(by\s*\(\s*\)\s*)?\(\s*{gauge}\b", expr), expr
+            if re.search(rf"\b{gauge}\b", expr):  # per model (or over all of them)
+                assert re.search(rf"max\s*(by\s*\(\s*(model)?\s*\)\s*)?\(\s*{gauge}\b", expr), expr
 
 
 def test_grafana_provisioning_matches_the_dashboard_and_the_mounts() -> None:
