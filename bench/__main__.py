@@ -1,6 +1,6 @@
 """`make bench`: run the benchmark scenarios, print a table, write JSON.
 
-Usage: python -m bench [--scenarios engine,stall,e2e,relay,many,soak,scale]
+Usage: python -m bench [--scenarios engine,stall,e2e,relay,many,soak,scale,autoscale]
                        [--out bench/results/bench.json]
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 
-SCENARIOS = ("engine", "stall", "e2e", "relay", "many", "soak", "scale")
+SCENARIOS = ("engine", "stall", "e2e", "relay", "many", "soak", "scale", "autoscale")
 
 
 def _run(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -49,6 +49,10 @@ def _run(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         from bench.redis_scale import run_scale_bench
 
         return run_scale_bench()
+    if name == "autoscale":
+        from bench.autoscale import run_autoscale_bench
+
+        return run_autoscale_bench(peak=args.autoscale_peak)
     raise SystemExit(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}")
 
 
@@ -71,6 +75,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/bench.json")
     parser.add_argument("--soak-seconds", type=float, default=300,
                         help="how long the soak scenario runs")
+    parser.add_argument("--autoscale-peak", type=int, default=100,
+                        help="concurrent streams at the top of the autoscale scenario's ramp")
     args = parser.parse_args()
     report: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -71,6 +71,9 @@ class Admission:
         self._semaphores: dict[str, RedisSemaphore] = {}
         self._lapse_handlers: dict[str, list[Callable[[], None]]] = {}
         self.extra_held: dict[tuple[str, str], RedisSemaphore] = {}  # (name, permit id)
+        # A model's waiters ask again as soon as its workers change (a cold start ends).
+        if workers is not None:
+            workers.on_capacity_change.append(lambda model: self.semaphore(model).wake())
 
     def semaphore(self, model: str) -> RedisSemaphore:
         """The semaphore of served model `model`."""

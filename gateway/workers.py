@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 from chatstream_cluster.gateway.errors import APIError, redis_unavailable
 from chatstream_cluster.shared.models import ModelRegistry
@@ -39,10 +40,16 @@ class WorkerCache:
         self.redis_ok = False
         self.last_ok = 0.0
         self._changed = asyncio.Event()
+        self.on_capacity_change: list[Callable[[str], None]] = []  # called with the model
 
     async def refresh(self) -> None:
         try:
+            before = {m: self.capacity_for(m) for m in self.models}
             self.workers = await self.registry.live()
+            for model in {*before, *self.models}:
+                if self.capacity_for(model) != before.get(model, 0):
+                    for callback in self.on_capacity_change:
+                        callback(model)
             if self.model_registry is not None:
                 self.seen = set(await self.model_registry.known())
             self.redis_ok = True

@@ -219,7 +219,10 @@ class RedisSemaphore:
                         f"no permit of {self.name!r} for {permit_id!r} within {timeout:g}s"
                     )
                 # Ask again before the waiter heartbeat runs out, however long the poll interval.
-                pause = min(remaining, poll_interval * random.uniform(0.8, 1.2), self._beat_s)
+                # With capacity 0 (no worker yet: a cold start) asking cannot succeed: only the
+                # heartbeat is due, unless `wake()` says the capacity changed.
+                interval = self._beat_s if cap <= 0 else poll_interval
+                pause = min(remaining, interval * random.uniform(0.8, 1.2), self._beat_s)
                 wake = self._wake
                 try:
                     await asyncio.wait_for(wake.wait(), pause)
@@ -238,6 +241,11 @@ class RedisSemaphore:
                 pass  # cancelled again: the shielded cleanup runs on by itself
             raise
 
+    def wake(self) -> None:
+        """Make this process's waiters ask again now (the capacity may have changed)."""
+        wake, self._wake = self._wake, asyncio.Event()
+        wake.set()
+
     async def refresh(self, permit_ids: Iterable[str]) -> list[str]:
         """Extend the leases of those permits still held; returns the ids that are not held
         (their lease ran out, or they were released): lapsed, to be handled by the caller."""
@@ -251,8 +259,7 @@ class RedisSemaphore:
         try:
             held = await self._release(keys=self._keys, args=[permit_id])
         finally:
-            wake, self._wake = self._wake, asyncio.Event()
-            wake.set()
+            self.wake()
         return bool(held)
 
     async def leave(self, permit_id: str) -> None:

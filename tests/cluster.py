@@ -96,7 +96,8 @@ class Cluster:
         self.tmp_path = tmp_path
         self.procs: list[Proc] = []
 
-    def _spawn(self, name: str, command: str, settings: dict[str, Any], port: int = 0) -> Proc:
+    def _spawn(self, name: str, command: str, settings: dict[str, Any], port: int = 0,
+               env: dict[str, str] | None = None, nice: int = 0) -> Proc:
         values = {
             "redis_url": self.redis_url,
             "key_prefix": self.key_prefix,
@@ -104,7 +105,7 @@ class Cluster:
             "log_level": "info",
             **settings,
         }
-        env = {**os.environ, **settings_env(values), "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, **settings_env(values), "HF_HUB_OFFLINE": "1", **(env or {})}
         log_path = self.tmp_path / f"{name}-{len(self.procs)}.log"
         with open(log_path, "wb") as log:
             # PR_SET_PDEATHSIG fires when the *thread* that forked the child ends: fork from
@@ -117,19 +118,23 @@ class Cluster:
                 cwd=ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=die_with_parent,
+                preexec_fn=(lambda: (die_with_parent(), os.nice(nice))) if nice
+                else die_with_parent,
             ).result()
         proc = Proc(name, process, log_path, port, values)
         self.procs.append(proc)
         return proc
 
-    def start_worker(self, model: str = "mock", **settings: Any) -> Proc:
-        """A worker; returns once it is in the registry."""
+    def start_worker(self, model: str = "mock", *, env: dict[str, str] | None = None,
+                     nice: int = 0, **settings: Any) -> Proc:
+        """A worker (with `env` added to its environment, at CPU priority `nice`); returns
+        once it is started, not once it is in the registry (`wait_ready` waits for that)."""
         worker_id = settings.pop("worker_id", f"w{len(self.procs)}-{os.getpid()}")
         proc = self._spawn(
             "worker",
             "worker",
             {"model": model, "worker_id": worker_id, "heartbeat_interval": 0.2, **settings},
+            env=env, nice=nice,
         )
         proc.settings["worker_id"] = worker_id
         return proc

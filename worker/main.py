@@ -20,11 +20,8 @@ log = logging.getLogger("chatstream.worker")
 async def serve(settings: WorkerSettings) -> int:
     """Run one worker until SIGTERM/SIGINT, then drain; the exit code (1: the engine died or
     kept failing, 2: the model or its settings cannot be served, with the reason logged)."""
-    delay = cold_start_seconds()  # test only (worker/engine/faults.py)
-    if delay:
-        log.warning("test-only cold start: waiting before loading the model",
-                    extra={"seconds": round(delay, 1)})
-        await asyncio.sleep(delay)
+    if not await _fake_cold_start():
+        return 0
     try:
         engine = await asyncio.to_thread(make_engine, settings)
     except UnsupportedModel as exc:
@@ -41,6 +38,28 @@ async def serve(settings: WorkerSettings) -> int:
         log.error(str(exc))
         return 2
     return 1 if worker.engine_failed else 0
+
+
+async def _fake_cold_start() -> bool:
+    """TEST ONLY (worker/engine/faults.py): wait as a starting pod would; False when SIGTERM or
+    SIGINT came meanwhile (the worker then exits 0, as one scaled away before it was ready)."""
+    delay = cold_start_seconds()
+    if not delay:
+        return True
+    log.warning("test-only cold start: waiting before loading the model",
+                extra={"seconds": round(delay, 1)})
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await asyncio.wait_for(stop.wait(), delay)
+        return False
+    except TimeoutError:
+        return True
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
 
 
 def main(settings: WorkerSettings) -> int:
