@@ -100,6 +100,14 @@ FAKE_STATUS = {
          "model": "llama", "device": "cuda:0", "running": 0, "max_batch": 4, "draining": False,
          "tokens_per_s": 0.0, "last_heartbeat_s": 3.8, "state": "stale"},
     ],
+    "models": [
+        {"name": "llama", "queue_depth": 5, "waiting_for_permit": 4, "undelivered_jobs": 1,
+         "running": 7, "capacity": 8, "workers": 3, "serving": 2, "waiting_in_workers": 0,
+         "tokens_per_s": 1212.5, "declared": False},
+        {"name": "<b>cold</b>", "queue_depth": 2, "waiting_for_permit": 2,
+         "undelivered_jobs": 0, "running": 0, "capacity": 0, "workers": 0, "serving": 0,
+         "waiting_in_workers": 0, "tokens_per_s": 0.0, "declared": True},
+    ],
     "last_minute": {"scope": "cluster", "seconds": 60.0, "tokens_per_s": 1212.5,
                     "tokens": 72750, "ttft_p50_s": 0.12, "ttft_p99_s": 2.5,
                     "ttft_samples": 310, "rejected": {"queue_full": 2, "queue_timeout": 1}},
@@ -139,6 +147,13 @@ def test_ops_page_renders_kv_usage_states_and_text_only(browser, cluster) -> Non
         assert rows.nth(2).locator("td").first.text_content() == FAKE_STATUS["workers"][2]["id"]
         assert page.locator("#workers img").count() == 0
         assert page.evaluate("window.__pwned") is None
+        models = page.locator("#models tbody tr")
+        assert models.count() == 2 and page.locator("#no-models").is_hidden()
+        assert models.nth(0).locator("td").all_text_contents() == [
+            "llama", "5", "7 / 8", "2 serving / 3 live", "0", "1,212.5"]
+        cold = models.nth(1).locator("td").all_text_contents()
+        assert cold[:4] == ["<b>cold</b>", "2", "0 / 0", "none (cold)"]  # text, not markup
+        assert page.locator("#models b").count() == 0
         assert page.text_content("#queue-depth") == "5"
         assert page.text_content("#running") == "7 / 8"
         assert page.text_content("#ttft") == "120 ms / 2.5 s"
