@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 from chatstream_cluster.shared.keys import Keys
 from chatstream_cluster.shared.redis_topology import make_pubsub_pool
 from chatstream_cluster.shared.schemas import TokenEvent
+from chatstream_cluster.shared.waits import wait_set
 
 log = logging.getLogger("chatstream.gateway")
 
@@ -105,16 +106,6 @@ class JobInbox:
             self._timer.cancel()
             self._timer = None
 
-
-async def wait_set(event: asyncio.Event, timeout: float) -> bool:
-    """True once `event` is set; False after `timeout` seconds without."""
-    if event.is_set():
-        return True
-    try:
-        await asyncio.wait_for(event.wait(), timeout)
-    except TimeoutError:
-        return False
-    return True
 
 
 async def keep_alive(
@@ -207,9 +198,8 @@ class Dispatcher:
         while True:
             conn = self._pool.make_connection()
             try:
-                reader, writer, parser = await asyncio.wait_for(
-                    self._subscribe(conn), CONNECT_TIMEOUT_S
-                )
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    reader, writer, parser = await self._subscribe(conn)
                 self.connected.set()
                 delay = 0.1
                 log.info("dispatcher subscribed", extra={"channel": self.channel})

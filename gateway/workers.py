@@ -7,7 +7,6 @@ worker waits for the next refresh that sees one, up to `no_worker_timeout`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
@@ -15,6 +14,7 @@ from chatstream_cluster.gateway.errors import APIError, redis_unavailable
 from chatstream_cluster.shared.redis_errors import TRANSIENT_REDIS_ERRORS, reraise_if_cancelling
 from chatstream_cluster.shared.registry import WorkerRegistry
 from chatstream_cluster.shared.schemas import WorkerInfo
+from chatstream_cluster.shared.waits import wait_set
 
 log = logging.getLogger("chatstream.gateway")
 
@@ -74,8 +74,7 @@ class WorkerCache:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
+            await wait_set(self._changed, remaining)
         if not self.redis_ok:
             raise redis_unavailable()
         if not self.serving:

@@ -26,6 +26,7 @@ from typing import Any
 
 from chatstream_cluster.shared.keys import Keys
 from chatstream_cluster.shared.replica_wait import eval_durably
+from chatstream_cluster.shared.waits import wait_set
 
 # KEYS: holders, waiters, waiter heartbeats, ticket. Defines `now` (ms, server clock).
 _PURGE = """
@@ -221,10 +222,7 @@ class RedisSemaphore:
                 # Ask again before the waiter heartbeat runs out, however long the poll interval.
                 pause = min(remaining, poll_interval * random.uniform(0.8, 1.2), self._beat_s)
                 wake = self._wake
-                try:
-                    await asyncio.wait_for(wake.wait(), pause)
-                except TimeoutError:
-                    pass
+                await wait_set(wake, pause)
         except SemaphoreTimeout:
             raise
         except BaseException:
