@@ -39,10 +39,16 @@ from chatstream_cluster.worker.engine.model_check import (
 )
 from chatstream_cluster.worker.engine.prompt import render
 from chatstream_cluster.worker.engine.runner import Runner
-from chatstream_cluster.worker.engine.sampling import sample, suppress_mask
+from chatstream_cluster.worker.engine.sampling import (
+    SamplingRows,
+    sample,
+    seed_key,
+    suppress_mask,
+)
 from chatstream_cluster.worker.engine.scheduler import ChunkBudget, Scheduler, StepPlan
 from chatstream_cluster.worker.engine.sequence import Sequence
 from chatstream_cluster.worker.engine.sizing import fit_max_len, plan_kv
+from chatstream_cluster.worker.engine.step_timer import StepTimer
 from chatstream_cluster.worker.engine_api import EngineLoad, GenerationRequest, StepOutput
 
 log = logging.getLogger("chatstream.worker")
@@ -113,7 +119,10 @@ class HFEngine:
         self._suppress = suppress_mask(self.model, self.device)
         adaptive = not prefill_chunk_tokens and self.device.type == "cpu"
         self.chunk = ChunkBudget(self.chunk_tokens, adaptive)
-        self.scheduler = Scheduler(self.kv, max_batch, self.max_context, self.chunk)
+        self.sampling = SamplingRows(max_batch, self.device)
+        self.scheduler = Scheduler(self.kv, max_batch, self.max_context, self.chunk,
+                                   self.sampling)
+        self.timer: StepTimer | None = None  # set by benchmarks: where a step's time goes
         self._lock = threading.Lock()
         self._inbox: list[Sequence] = []
         self._cancels: set[str] = set()
@@ -165,11 +174,16 @@ class HFEngine:
         if not getattr(self._thread_state, "ready", False):
             self._use_threads()
         outputs: list[StepOutput] = []
+        timer = self.timer
+        if timer is not None:
+            timer.start()
         with torch.inference_mode():
             self._drain_inbox(outputs)
             plan = self.scheduler.plan()
             if plan:
                 self._run(plan, outputs)
+        if timer is not None:
+            timer.stop()
         return outputs
 
     def reset(self) -> list[str]:
@@ -221,8 +235,7 @@ class HFEngine:
         elif seq.tokens >= request.sampling.max_tokens:
             seq.early = self._final(seq, "length")
         else:
-            if request.sampling.seed is not None:
-                seq.generator = torch.Generator().manual_seed(request.sampling.seed)
+            seq.key = seed_key(request.sampling.seed)
             seq.detok = make_detokenizer(self.tokenizer, seq.prompt_ids)
         return seq
 
@@ -253,25 +266,36 @@ class HFEngine:
             self.scheduler.release(seq)
 
     def _run(self, plan: StepPlan, outputs: list[StepOutput]) -> None:
+        timer = self.timer
         started = time.perf_counter()
-        logits = self.runner.run(plan)
+        batch = self.runner.prepare(plan)
+        if timer is not None:
+            timer.mark()
+        logits = self.runner.forward(batch)
+        if timer is not None:
+            timer.mark()
         self.chunk.record(len(plan.decodes), sum(n for _, n in plan.chunks),
                           time.perf_counter() - started)
         # The forward succeeded: only now does the sequences' state move on.
-        sampled = list(plan.decodes)
-        for seq, n in plan.chunks:
-            seq.computed += n
-            if seq.prefilled:
-                sampled.append(seq)
-        for seq in plan.decodes:
+        sampled = plan.decodes
+        for seq in sampled:
             seq.computed += 1
+        if plan.chunks:
+            sampled = list(sampled)
+            for seq, n in plan.chunks:
+                seq.computed += n
+                if seq.prefilled:
+                    sampled.append(seq)
         if not sampled:
             return
-        params = [s.request.sampling for s in sampled]
-        tokens = sample(logits, params, [s.generator for s in sampled], self._suppress)
+        rows, positions = batch.sampled()
+        tokens = sample(logits, rows, positions, self.sampling, self._suppress).tolist()
+        if timer is not None:
+            timer.mark()
+        advance = self._advance
         finished = []
         for seq, token in zip(sampled, tokens, strict=True):
-            out = self._advance(seq, token)
+            out = advance(seq, token)
             if out is not None:
                 outputs.append(out)
                 if out.finish_reason:
@@ -289,26 +313,26 @@ class HFEngine:
         else:
             seq.tokens += 1
             seq.last_token = token
-            text = seq.detok.add((token,))
+            text = seq.detok.add_one(token)
             if seq.tokens >= sampling.max_tokens or seq.length >= self.max_context:
                 finish = "length"
-        pending = seq.pending + text
-        if finish is not None:
-            pending += seq.detok.flush()
-        emit, seq.pending, hit = split_stop(pending, sampling.stop)
-        if hit:
-            finish = "stop"
-        elif finish is not None:
-            emit, seq.pending = emit + seq.pending, ""
-        if not emit and finish is None and seq.sent_first:
-            return None
-        out = StepOutput(
-            request_id=seq.request_id,
-            text=emit,
-            tokens=seq.tokens,
-            prompt_tokens=len(seq.prompt_ids),
-            finish_reason=finish,
-        )
+        if finish is None and not sampling.stop and not seq.pending:
+            # The common case, with nothing held back: the new text goes out as it is.
+            if not text and seq.sent_first:
+                return None
+            emit = text
+        else:
+            pending = seq.pending + text
+            if finish is not None:
+                pending += seq.detok.flush()
+            emit, seq.pending, hit = split_stop(pending, sampling.stop)
+            if hit:
+                finish = "stop"
+            elif finish is not None:
+                emit, seq.pending = emit + seq.pending, ""
+            if not emit and finish is None and seq.sent_first:
+                return None
+        out = StepOutput(seq.request.request_id, emit, seq.tokens, len(seq.prompt_ids), finish)
         if not seq.sent_first:
             out.prompt = seq.prompt_text
             seq.sent_first = True
