@@ -27,11 +27,18 @@ import time
 import torch
 
 from chatstream_cluster.shared.schemas import JobError
+from chatstream_cluster.worker.engine.cuda_graphs import (
+    Capture,
+    DecodeGraphs,
+    cuda_capture,
+    length_buckets,
+)
 from chatstream_cluster.worker.engine.detokenizer import make_detokenizer, split_stop
 from chatstream_cluster.worker.engine.faults import FaultPlan
 from chatstream_cluster.worker.engine.hf_model import eos_ids, load_model, max_context
 from chatstream_cluster.worker.engine.kv_cache import bytes_per_token, make_kv_cache
 from chatstream_cluster.worker.engine.model_check import (
+    TOLERANCE,
     check_supported,
     probe,
     probe_ids,
@@ -78,9 +85,16 @@ class HFEngine:
         prefill_chunk_tokens: int = 0,
         gpu_memory_utilization: float = 0.9,
         kv_layout: str = "auto",
+        cuda_graphs: str = "off",
+        decode_attention: str = "gather",
+        graph_capture: Capture | None = None,
     ):
         """`threads`: torch CPU threads for the thread that steps the engine (0 = torch's
         default). torch keeps that setting per thread, so `step()` applies it to its caller.
+        `cuda_graphs` "on": decode steps replay CUDA graphs (cuda_graphs.py; CUDA and the
+        paged layout only); `graph_capture` replaces the CUDA capture (tests:
+        `cuda_graphs.EagerReplay()` runs the same machinery on a CPU). `decode_attention`
+        "flex": decode reads the paged pool in place (flex_decode.py).
         Raises `UnsupportedModel` (model_check.py) for a model it cannot serve correctly."""
         self.threads = threads
         self._thread_state = threading.local()  # .ready: `threads` applied in this thread
@@ -113,8 +127,14 @@ class HFEngine:
         self.runner = Runner(self.model, self.kv, self.max_context, fast_forward, self.faults,
                              max_step_tokens=self.chunk_tokens + max_batch)
         self.fast_forward = self.runner.fast
-        self_check(self.runner, self.kv, self.model, ids[: self.max_context],
-                   reference[: self.max_context])
+        checked = False
+        if decode_attention == "flex":
+            checked = self._use_flex(ids, reference)
+        if not checked:
+            self_check(self.runner, self.kv, self.model, ids[: self.max_context],
+                       reference[: self.max_context])
+        if cuda_graphs == "on":
+            self._capture_graphs(graph_capture, kv_dtype)
         self._eos = eos_ids(self.model, self.tokenizer)
         self._suppress = suppress_mask(self.model, self.device)
         adaptive = not prefill_chunk_tokens and self.device.type == "cpu"
@@ -130,7 +150,8 @@ class HFEngine:
             "model": model, "device": str(self.device), "kv_layout": self.kv.layout,
             "kv_tokens": self.kv.tokens_total, "kv_bytes": plan.budget_bytes,
             "max_model_len": self.max_context, "prefill_chunk_tokens": self.chunk_tokens,
-            "fast_path": self.fast_forward,
+            "fast_path": self.fast_forward, "decode": self.decode_path,
+            "decode_attention": self.decode_attention,
         })
 
     # -- the Engine protocol -------------------------------------------------------------
@@ -205,6 +226,17 @@ class HFEngine:
         self.model = self.runner = None  # type: ignore[assignment]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    @property
+    def decode_attention(self) -> str:
+        """Which decode attention runs: "flex" (the paged pool in place) or "gather"."""
+        return "flex" if self.kv.flex is not None else "gather"
+
+    @property
+    def decode_path(self) -> str:
+        """How decode steps run: "cuda-graphs" (captured and not turned off) or "eager"."""
+        graphs = self.runner.graphs if self.runner is not None else None
+        return "cuda-graphs" if graphs is not None and graphs.enabled else "eager"
 
     def _use_threads(self) -> None:
         self._thread_state.ready = True
@@ -351,6 +383,43 @@ class HFEngine:
         return out
 
     # -- start-up ------------------------------------------------------------------------
+
+    def _use_flex(self, ids: list[int], reference: torch.Tensor) -> bool:
+        """Decode attention through flex_decode.py, if the self-check passes with it (True);
+        else the gather path (logged) and False: the caller self-checks that."""
+        from chatstream_cluster.worker.engine.flex_decode import FlexDecode
+
+        if self.kv.layout != "paged":
+            log.warning("flex decode attention needs the paged KV layout: using gather",
+                        extra={"kv_layout": self.kv.layout})
+            return False
+        try:
+            self.kv.flex = FlexDecode(self.kv, compiled=self.device.type == "cuda")
+            self_check(self.runner, self.kv, self.model, ids[: self.max_context],
+                       reference[: self.max_context])
+            return True
+        except Exception as exc:  # noqa: BLE001 - any failure: the verified gather path
+            self.kv.flex = None
+            log.warning("flex decode attention failed its check: using gather",
+                        extra={"error": f"{type(exc).__name__}: {exc}"})
+            return False
+
+    def _capture_graphs(self, capture: Capture | None, dtype: torch.dtype) -> None:
+        if self.kv.layout != "paged" or (capture is None and self.device.type != "cuda"):
+            log.warning("CUDA graphs need a CUDA device and the paged KV layout: decode steps "
+                        "run eagerly", extra={"device": str(self.device),
+                                              "kv_layout": self.kv.layout})
+            return
+        lengths = length_buckets(self.max_context, self.kv.block_size)
+        if self.kv.flex is not None:  # it reads each sequence's blocks: one length will do
+            lengths = lengths[-1:]
+        graphs = DecodeGraphs(
+            self.runner.eager, self.runner.buffers, self.max_batch, lengths,
+            capture or cuda_capture(self.device), TOLERANCE.get(dtype, 0.1), self.runner.path,
+        )
+        with torch.inference_mode():
+            graphs.capture_all()
+        self.runner.graphs = graphs
 
     def _profile(self, shapes, dtype) -> None:  # noqa: ANN001
         """One forward of the largest step (a full prefill chunk plus a decode per batch
