@@ -11,6 +11,7 @@ small next to a forward for a GPU's fast forwards to turn into tokens/s.
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 import uuid
@@ -52,29 +53,45 @@ def build_tiny(folder: Path, shape: dict[str, int] | None = None) -> str:
     return str(folder)
 
 
-def measure(engine: Any, streams: int, new_tokens: int) -> dict[str, Any]:
-    """Run `streams` requests at once to the end; the step split over all their steps."""
+def measure(engine: Any, streams: int, new_tokens: int,
+            sampling: SamplingParams | None = None,
+            prompts: list[str] | None = None) -> dict[str, Any]:
+    """Run `streams` requests at once to the end: tokens/s, TTFT p50 and the step split over
+    all their steps; `texts` (request id -> text) for parity checks. Default sampling:
+    temperature 0.8, top-p 0.95; `prompts` (cycled) default to bench.engine_bench's."""
     from bench.engine_bench import PROMPT
+    from chatstream_cluster.shared.schemas import ChatMessage
     from chatstream_cluster.worker.engine.step_timer import StepTimer
     from chatstream_cluster.worker.engine_api import GenerationRequest
 
+    sampling = sampling or SamplingParams(max_tokens=new_tokens, temperature=0.8, top_p=0.95)
     timer = StepTimer(engine.device)
     engine.timer = timer
-    sampling = SamplingParams(max_tokens=new_tokens, temperature=0.8, top_p=0.95)
+    texts: dict[str, str] = {}
+    first: dict[str, float] = {}
     tokens = 0
     start = time.perf_counter()
     try:
-        for _ in range(streams):
-            engine.submit(GenerationRequest(uuid.uuid4().hex, PROMPT, sampling))
+        for i in range(streams):
+            rid = f"{uuid.uuid4().hex[:8]}-{i}"
+            messages = ([ChatMessage(role="user", content=prompts[i % len(prompts)])]
+                        if prompts else PROMPT)
+            engine.submit(GenerationRequest(rid, messages, sampling))
+            texts[rid] = ""
         while engine.has_work():
-            tokens += sum(out.tokens for out in engine.step() if out.finish_reason)
+            for out in engine.step():
+                first.setdefault(out.request_id, time.perf_counter() - start)
+                texts[out.request_id] += out.text
+                if out.finish_reason:
+                    tokens += out.tokens
     finally:
         engine.timer = None
     seconds = time.perf_counter() - start
     split = timer.summary()
     overhead = 100 * (1 - split["forward_ms"] / split["step_ms"]) if split["step_ms"] else 0
-    return {"streams": streams, "tokens_per_s": round(tokens / seconds, 1), **split,
-            "overhead_pct": round(overhead, 1)}
+    return {"streams": streams, "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),
+            "ttft_p50_ms": round(1000 * statistics.median(first.values()), 1), **split,
+            "overhead_pct": round(overhead, 1), "texts": list(texts.values())}
 
 
 def run_overhead_bench(new_tokens: int = 128, levels: tuple[int, ...] = (1, 16, 64),
@@ -92,7 +109,9 @@ def run_overhead_bench(new_tokens: int = 128, levels: tuple[int, ...] = (1, 16, 
             for streams in levels:
                 runs = sorted((measure(engine, streams, new_tokens) for _ in range(rounds)),
                               key=lambda r: r["step_ms"])
-                rows.append({"scenario": "overhead", **runs[len(runs) // 2]})
+                median = runs[len(runs) // 2]
+                del median["texts"]
+                rows.append({"scenario": "overhead", **median})
             return rows
         finally:
             engine.close()

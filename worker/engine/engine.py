@@ -321,9 +321,10 @@ class HFEngine:
         if not sampled:
             return
         rows, positions = batch.sampled()
-        tokens = sample(logits, rows, positions, self.sampling, self._suppress).tolist()
+        drawn = sample(logits, rows, positions, self.sampling, self._suppress)
         if timer is not None:
-            timer.mark()
+            timer.mark()  # before the sync: on CUDA its event then completes with the step
+        tokens = drawn.tolist()  # the step's one host sync
         advance = self._advance
         finished = []
         for seq, token in zip(sampled, tokens, strict=True):

@@ -2,10 +2,10 @@
 
 Off unless a benchmark switches it on (`HFEngine.timer = StepTimer(device)`); the engine then
 marks each step's phases. On CPU every phase is wall time: forward = the model's forward (the
-batch already built), sampling = the draw and its one `.tolist()`, host = everything else in
-the step (scheduling, building the batch, detokenizing, outputs). On CUDA the forward and the
-sampling are device time, from CUDA events around them (read after the step's sync), and host
-= step wall time minus both: the time the device spent waiting for the host.
+batch already built), sampling = the draw, host = everything else in the step (scheduling,
+building the batch, the draw's one `.tolist()`, detokenizing, outputs). On CUDA the forward
+and the sampling are device time, from CUDA events around them (read after the step's sync),
+and host = step wall time minus both: the time the device spent waiting for the host.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class StepTimer:
         self._marks = []
 
     def mark(self) -> None:
-        """Call before the forward, after it, and after the sampling's sync (three marks)."""
+        """Call before the forward, after it, and after the sampling (before its sync)."""
         if self.cuda:
             self._events[len(self._marks)].record()
         self._marks.append(time.perf_counter())
