@@ -12,6 +12,7 @@ Every layer's projections and MLP run once over all of them; attention splits th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -85,7 +86,12 @@ class StepBuffers:
     their addresses, as replaying a captured CUDA graph needs.
 
     `pad_to` (CUDA graphs, cuda_graphs.py) fills the columns past the step's tokens with a
-    padding token: id 0 at position 0 in `pad_row` (the KV cache's scratch row)."""
+    padding token: id 0 at position 0 in `pad_row` (the KV cache's scratch row).
+
+    The pinned host buffer is reused: before it is written, the previous step's copy out of it
+    must have run. A step that samples ends with a sync (its `.tolist()`), but a prefill step
+    that samples nothing does not, so the copy records an event and the next fill waits on it
+    when it has not completed yet (then only: a completed event costs no sync)."""
 
     def __init__(self, max_tokens: int, device: torch.device, pad_row: int = 0):
         self.max_tokens = max_tokens
@@ -95,6 +101,7 @@ class StepBuffers:
         self.host = torch.zeros(4, max_tokens, dtype=torch.long, pin_memory=pinned)
         self._fill = self.host.numpy()  # writes from Python lists, without a tensor per list
         self.dev = self.host if device.type == "cpu" else self.host.to(device)
+        self.copied: Any = torch.cuda.Event() if pinned else None  # the last copy out of host
         self.arange = torch.arange(max_tokens, device=device)  # the sample index of decodes
         self._views: dict[int, tuple[torch.Tensor, ...]] = {}
 
@@ -117,6 +124,9 @@ class StepBuffers:
         width = max(count, pad_to)
         if width > self.max_tokens:
             return False
+        copied = self.copied
+        if copied is not None and not copied.query():
+            copied.synchronize()  # the previous copy still reads the host buffer
         fill = self._fill
         fill[0, :count] = ids
         fill[1, :count] = positions
@@ -128,6 +138,8 @@ class StepBuffers:
             fill[2, count:width] = self.pad_row
         if self.dev is not self.host:
             self.dev[:, :width].copy_(self.host[:, :width], non_blocking=True)
+            if copied is not None:
+                copied.record(torch.cuda.current_stream(self.device))
         return True
 
 
