@@ -140,6 +140,18 @@ async def keep_alive(
             writer.write(ping)
 
 
+def deliver(payload: bytes, inboxes: dict[str, JobInbox]) -> None:
+    """Route one published event to its job's inbox (a malformed one is logged and dropped)."""
+    try:
+        event = TokenEvent.unpack(payload)
+    except Exception:  # noqa: BLE001 - a bad message must not stop the routing
+        log.warning("ignored a malformed event")
+        return
+    inbox = inboxes.get(event.job_id)
+    if inbox is not None:
+        inbox.put(event)
+
+
 class _Refused(ConnectionError):
     """Redis answered the subscription with an error."""
 
@@ -252,22 +264,14 @@ class Dispatcher:
         self._last_read = loop.time()
         watchdog = asyncio.create_task(self._watch(writer), name="dispatcher-watchdog")
         inboxes = self.inboxes
-        unpack = TokenEvent.unpack
         try:
             while True:
                 while (reply := parser.gets()) is not False:
                     if isinstance(reply, hiredis.ReplyError):
                         raise _Refused(str(reply))
-                    if not isinstance(reply, list) or reply[0] != b"message":
-                        continue  # the PONG of the watchdog's PING
-                    try:
-                        event = unpack(reply[2])
-                    except Exception:  # noqa: BLE001
-                        log.warning("ignored a malformed event")
-                        continue
-                    inbox = inboxes.get(event.job_id)
-                    if inbox is not None:
-                        inbox.put(event)
+                    if isinstance(reply, list) and reply[0] == b"message":
+                        deliver(reply[2], inboxes)
+                    # anything else is the PONG of the watchdog's PING
                 data = await reader.read(READ_SIZE)
                 if not data:
                     raise ConnectionError("pub/sub connection closed")

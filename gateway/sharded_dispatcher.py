@@ -46,12 +46,12 @@ from chatstream_cluster.gateway.dispatcher import (
     CONNECT_TIMEOUT_S,
     READ_SIZE,
     JobInbox,
+    deliver,
     keep_alive,
     wait_set,
 )
 from chatstream_cluster.shared.keys import Keys
 from chatstream_cluster.shared.redis_errors import TRANSIENT_REDIS_ERRORS, reraise_if_cancelling
-from chatstream_cluster.shared.schemas import TokenEvent
 
 log = logging.getLogger("chatstream.gateway")
 
@@ -135,7 +135,6 @@ class _ShardLink:
         parser = hiredis.Reader()
         watchdog = asyncio.create_task(self._watch(writer), name=f"shard-watchdog-{self.name}")
         inboxes = self.owner.inboxes
-        unpack = TokenEvent.unpack
         try:  # the routing is inline, as in dispatcher.py: it runs for every message
             while True:
                 data = await reader.read(READ_SIZE)
@@ -145,14 +144,7 @@ class _ShardLink:
                 parser.feed(data)
                 while (reply := parser.gets()) is not False:
                     if isinstance(reply, list) and reply[0] == b"smessage":
-                        try:
-                            event = unpack(reply[2])
-                        except Exception:  # noqa: BLE001
-                            log.warning("ignored a malformed event")
-                            continue
-                        inbox = inboxes.get(event.job_id)
-                        if inbox is not None:
-                            inbox.put(event)
+                        deliver(reply[2], inboxes)
                     else:
                         self._on_reply(reply)
         finally:
