@@ -35,11 +35,10 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.overhead import measure
+from bench.overhead import measure, save_with_demo_tokenizer
 from chatstream_cluster.shared.schemas import SamplingParams
 
 COMMON = {"max_position_embeddings": 4096}
@@ -78,16 +77,9 @@ def build_model(name: str, folder: Path, device: str, tiny: bool) -> int:
     """Save the random bf16 model `name` with the demo tokenizer into `folder`; parameters."""
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM
 
-    from chatstream_cluster.worker.demo_model import (
-        BOS_ID,
-        EOS_ID,
-        PAD_ID,
-        VOCAB_SIZE,
-        build_demo_tokenizer,
-        demo_suppressed_tokens,
-    )
+    from chatstream_cluster.worker.demo_model import BOS_ID, EOS_ID, PAD_ID
 
     config_class, shape = shape_of(name, tiny)
     config = getattr(transformers, config_class)(
@@ -95,12 +87,7 @@ def build_model(name: str, folder: Path, device: str, tiny: bool) -> int:
     torch.manual_seed(0)
     with torch.device(device):  # initialise where it runs: seconds, not minutes, on a GPU
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-        suppress_tokens=demo_suppressed_tokens() + list(range(VOCAB_SIZE, shape["vocab_size"])),
-    )
-    model.save_pretrained(folder)
-    build_demo_tokenizer().save_pretrained(folder)
+    save_with_demo_tokenizer(model, folder)
     count = sum(p.numel() for p in model.parameters())
     del model
     _free(device)
@@ -246,24 +233,13 @@ def check_cb(path: str, args: argparse.Namespace, prompt_ids: list[int]) -> list
 
 def _cb_round(manager: Any, prompt_ids: list[int], streams: int, new_tokens: int,
               ) -> dict[str, Any]:
+    from bench.engine_bench import cb_round
+
     start = time.perf_counter()
-    ids = [uuid.uuid4().hex for _ in range(streams)]
-    for rid in ids:
-        manager.add_request(prompt_ids, request_id=rid, max_new_tokens=new_tokens,
-                            streaming=True)
-    first: dict[str, float] = {}
-    done, tokens = 0, 0
-    while done < streams:
-        out = manager.get_result(timeout=60)
-        if out is None:
-            raise RuntimeError("continuous batching produced nothing for 60 s")
-        first.setdefault(out.request_id, time.perf_counter() - start)
-        if out.is_finished():
-            done += 1
-            tokens += len(out.generated_tokens)
+    tokens, first = cb_round(manager, prompt_ids, streams, new_tokens, timeout=60)
     seconds = time.perf_counter() - start
     return {"streams": streams, "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),
-            "ttft_p50_ms": round(1000 * statistics.median(first.values()), 1)}
+            "ttft_p50_ms": round(1000 * statistics.median(first), 1)}
 
 
 COLUMNS = ["model", "backend", "streams", "tokens_per_s", "step_ms", "forward_ms",

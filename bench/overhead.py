@@ -29,7 +29,22 @@ TINY = {
 def build_tiny(folder: Path, shape: dict[str, int] | None = None) -> str:
     """Save a random Llama of `shape` (default TINY) with the demo tokenizer into `folder`."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from chatstream_cluster.worker.demo_model import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
+
+    config = LlamaConfig(**(shape or TINY), vocab_size=VOCAB_SIZE, bos_token_id=BOS_ID,
+                         eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    torch.manual_seed(0)
+    save_with_demo_tokenizer(LlamaForCausalLM(config).eval(), folder)
+    return str(folder)
+
+
+def save_with_demo_tokenizer(model: Any, folder: Path) -> None:
+    """Save `model` with the demo's byte tokenizer and a generation config that suppresses
+    every id the tokenizer lacks (and its non-printable bytes), so replies are printable and
+    run to max_tokens whatever the model's vocabulary size."""
+    from transformers import GenerationConfig
 
     from chatstream_cluster.worker.demo_model import (
         BOS_ID,
@@ -40,17 +55,13 @@ def build_tiny(folder: Path, shape: dict[str, int] | None = None) -> str:
         demo_suppressed_tokens,
     )
 
-    config = LlamaConfig(**(shape or TINY), vocab_size=VOCAB_SIZE, bos_token_id=BOS_ID,
-                         eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    vocab = model.config.vocab_size
     model.generation_config = GenerationConfig(
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-        suppress_tokens=demo_suppressed_tokens(),
+        suppress_tokens=demo_suppressed_tokens() + list(range(VOCAB_SIZE, vocab)),
     )
     model.save_pretrained(folder)
     build_demo_tokenizer().save_pretrained(folder)
-    return str(folder)
 
 
 def measure(engine: Any, streams: int, new_tokens: int,
