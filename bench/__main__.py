@@ -1,6 +1,6 @@
 """`make bench`: run the benchmark scenarios, print a table, write JSON.
 
-Usage: python -m bench [--scenarios engine,stall,e2e,relay,many,soak,scale,autoscale]
+Usage: python -m bench [--scenarios engine,overhead,stall,e2e,relay,many,soak,scale,autoscale]
                        [--out bench/results/bench.json]
 """
 
@@ -16,7 +16,8 @@ from typing import Any
 
 import psutil
 
-SCENARIOS = ("engine", "stall", "e2e", "relay", "many", "soak", "scale", "autoscale")
+SCENARIOS = ("engine", "overhead", "stall", "e2e", "relay", "many", "soak", "scale",
+             "autoscale")
 
 
 def _run(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -25,6 +26,10 @@ def _run(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 
         rows = run_engine_bench(model=args.model, new_tokens=args.new_tokens)
         return [{"scenario": "engine", **row} for row in rows]
+    if name == "overhead":
+        from bench.overhead import run_overhead_bench
+
+        return run_overhead_bench(new_tokens=args.new_tokens)
     if name == "stall":
         from bench.stall import run_stall_bench
 

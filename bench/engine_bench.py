@@ -137,25 +137,31 @@ class _CBRunner:
         self.manager.start()
 
     def run(self, n: int, new_tokens: int) -> tuple[int, list[float]]:
-        start = time.perf_counter()
-        for _ in range(n):
-            self.manager.add_request(
-                self.ids, request_id=uuid.uuid4().hex, max_new_tokens=new_tokens, streaming=True
-            )
-        first: dict[str, float] = {}
-        done, tokens = 0, 0
-        while done < n:
-            out = self.manager.get_result(timeout=30)
-            if out is None:
-                raise RuntimeError("continuous batching produced nothing for 30 s")
-            first.setdefault(out.request_id, time.perf_counter() - start)
-            if out.is_finished():
-                done += 1
-                tokens += len(out.generated_tokens)
-        return tokens, list(first.values())
+        return cb_round(self.manager, self.ids, n, new_tokens)
 
     def close(self) -> None:
         self.manager.stop(block=True)
+
+
+def cb_round(manager: Any, prompt_ids: list[int], n: int, new_tokens: int,
+             timeout: float = 30) -> tuple[int, list[float]]:
+    """`n` requests at once through a started continuous-batching manager, to the end: the
+    tokens generated and each request's time to first token (seconds)."""
+    start = time.perf_counter()
+    for _ in range(n):
+        manager.add_request(prompt_ids, request_id=uuid.uuid4().hex, max_new_tokens=new_tokens,
+                            streaming=True)
+    first: dict[str, float] = {}
+    done, tokens = 0, 0
+    while done < n:
+        out = manager.get_result(timeout=timeout)
+        if out is None:
+            raise RuntimeError(f"continuous batching produced nothing for {timeout:g} s")
+        first.setdefault(out.request_id, time.perf_counter() - start)
+        if out.is_finished():
+            done += 1
+            tokens += len(out.generated_tokens)
+    return tokens, list(first.values())
 
 
 def _request():

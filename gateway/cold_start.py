@@ -15,12 +15,12 @@ A client that leaves while waiting leaves the line (the start is cancelled).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
 from chatstream_cluster.gateway.completions.encode import DONE, error_event, sse_events
 from chatstream_cluster.gateway.errors import as_api_error
 from chatstream_cluster.gateway.generation import Generation
+from chatstream_cluster.shared.supervise import cancel_and_wait
 
 KEEPALIVE_S = 5.0
 
@@ -38,9 +38,7 @@ async def cold_start_events(
                 yield b": still waiting for a worker\n\n"
     finally:
         if not start.done():  # the client left (the response closes this generator)
-            start.cancel()
-            with contextlib.suppress(BaseException):
-                await start
+            await cancel_and_wait([start])
     failure = start.exception()
     if failure is not None:
         err = as_api_error(failure)

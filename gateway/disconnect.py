@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable
 from typing import TypeVar
 
 from starlette.types import Receive
+
+from chatstream_cluster.shared.supervise import cancel_and_wait
 
 T = TypeVar("T")
 
@@ -31,13 +32,8 @@ async def run_until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        if not task.done():
-            task.cancel()
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
-    if not task.done() or task.cancelled():
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        gone = not task.done()
+        await cancel_and_wait([task, watcher])
+    if task.cancelled() or (gone and task.exception() is not None):
         raise ClientDisconnected()
     return task.result()

@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 from chatstream_cluster.shared.keys import Keys
 from chatstream_cluster.shared.redis_topology import make_pubsub_pool
 from chatstream_cluster.shared.schemas import TokenEvent
+from chatstream_cluster.shared.waits import wait_set
 
 log = logging.getLogger("chatstream.gateway")
 
@@ -106,16 +107,6 @@ class JobInbox:
             self._timer = None
 
 
-async def wait_set(event: asyncio.Event, timeout: float) -> bool:
-    """True once `event` is set; False after `timeout` seconds without."""
-    if event.is_set():
-        return True
-    try:
-        await asyncio.wait_for(event.wait(), timeout)
-    except TimeoutError:
-        return False
-    return True
-
 
 async def keep_alive(
     writer: asyncio.StreamWriter,
@@ -138,6 +129,18 @@ async def keep_alive(
             if before_ping is not None:
                 before_ping()
             writer.write(ping)
+
+
+def deliver(payload: bytes, inboxes: dict[str, JobInbox]) -> None:
+    """Route one published event to its job's inbox (a malformed one is logged and dropped)."""
+    try:
+        event = TokenEvent.unpack(payload)
+    except Exception:  # noqa: BLE001 - a bad message must not stop the routing
+        log.warning("ignored a malformed event")
+        return
+    inbox = inboxes.get(event.job_id)
+    if inbox is not None:
+        inbox.put(event)
 
 
 class _Refused(ConnectionError):
@@ -195,9 +198,8 @@ class Dispatcher:
         while True:
             conn = self._pool.make_connection()
             try:
-                reader, writer, parser = await asyncio.wait_for(
-                    self._subscribe(conn), CONNECT_TIMEOUT_S
-                )
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    reader, writer, parser = await self._subscribe(conn)
                 self.connected.set()
                 delay = 0.1
                 log.info("dispatcher subscribed", extra={"channel": self.channel})
@@ -252,22 +254,14 @@ class Dispatcher:
         self._last_read = loop.time()
         watchdog = asyncio.create_task(self._watch(writer), name="dispatcher-watchdog")
         inboxes = self.inboxes
-        unpack = TokenEvent.unpack
         try:
             while True:
                 while (reply := parser.gets()) is not False:
                     if isinstance(reply, hiredis.ReplyError):
                         raise _Refused(str(reply))
-                    if not isinstance(reply, list) or reply[0] != b"message":
-                        continue  # the PONG of the watchdog's PING
-                    try:
-                        event = unpack(reply[2])
-                    except Exception:  # noqa: BLE001
-                        log.warning("ignored a malformed event")
-                        continue
-                    inbox = inboxes.get(event.job_id)
-                    if inbox is not None:
-                        inbox.put(event)
+                    if isinstance(reply, list) and reply[0] == b"message":
+                        deliver(reply[2], inboxes)
+                    # anything else is the PONG of the watchdog's PING
                 data = await reader.read(READ_SIZE)
                 if not data:
                     raise ConnectionError("pub/sub connection closed")

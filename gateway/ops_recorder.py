@@ -91,7 +91,8 @@ class OpsRecorder:
     async def flush_last(self) -> None:
         """At shutdown (after `run` was cancelled): write what the last second counted."""
         with contextlib.suppress(*TRANSIENT_REDIS_ERRORS, TimeoutError):
-            await asyncio.wait_for(self.flush(), 1.0)
+            async with asyncio.timeout(1.0):
+                await self.flush()
 
     async def flush(self) -> None:
         """One flush; raises Redis errors (the deltas are kept for the next flush)."""

@@ -46,12 +46,12 @@ from chatstream_cluster.gateway.dispatcher import (
     CONNECT_TIMEOUT_S,
     READ_SIZE,
     JobInbox,
+    deliver,
     keep_alive,
-    wait_set,
 )
 from chatstream_cluster.shared.keys import Keys
 from chatstream_cluster.shared.redis_errors import TRANSIENT_REDIS_ERRORS, reraise_if_cancelling
-from chatstream_cluster.shared.schemas import TokenEvent
+from chatstream_cluster.shared.waits import wait_set
 
 log = logging.getLogger("chatstream.gateway")
 
@@ -105,7 +105,8 @@ class _ShardLink:
     async def _run(self) -> None:
         conn = self.node.connection_class(**{**self.node.connection_kwargs, "socket_timeout": None})
         try:
-            await asyncio.wait_for(conn.connect(), CONNECT_TIMEOUT_S)
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                await conn.connect()
             reader, writer = conn._reader, conn._writer  # noqa: SLF001 - read the socket ourselves
             if not isinstance(reader, asyncio.StreamReader) or writer is None:
                 raise RuntimeError("this redis-py version keeps no asyncio streams on a connection")
@@ -135,7 +136,6 @@ class _ShardLink:
         parser = hiredis.Reader()
         watchdog = asyncio.create_task(self._watch(writer), name=f"shard-watchdog-{self.name}")
         inboxes = self.owner.inboxes
-        unpack = TokenEvent.unpack
         try:  # the routing is inline, as in dispatcher.py: it runs for every message
             while True:
                 data = await reader.read(READ_SIZE)
@@ -145,14 +145,7 @@ class _ShardLink:
                 parser.feed(data)
                 while (reply := parser.gets()) is not False:
                     if isinstance(reply, list) and reply[0] == b"smessage":
-                        try:
-                            event = unpack(reply[2])
-                        except Exception:  # noqa: BLE001
-                            log.warning("ignored a malformed event")
-                            continue
-                        inbox = inboxes.get(event.job_id)
-                        if inbox is not None:
-                            inbox.put(event)
+                        deliver(reply[2], inboxes)
                     else:
                         self._on_reply(reply)
         finally:
@@ -212,7 +205,8 @@ class ShardedDispatcher:
         delay = 0.1
         while not self.connected.is_set():
             try:
-                await asyncio.wait_for(self.cluster.initialize(), CONNECT_TIMEOUT_S)
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    await self.cluster.initialize()
                 self.connected.set()
             except (*TRANSIENT_REDIS_ERRORS, OSError, TimeoutError) as exc:
                 reraise_if_cancelling()
@@ -266,7 +260,8 @@ class ShardedDispatcher:
         for attempt in range(SUBSCRIBE_TRIES):
             node = self.cluster.get_node_from_key(channel)
             try:
-                await asyncio.wait_for(self._link(node).subscribe(channel), CONNECT_TIMEOUT_S)
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    await self._link(node).subscribe(channel)
                 return
             except (RedisConnectionError, OSError, TimeoutError) as exc:
                 if attempt == SUBSCRIBE_TRIES - 1:

@@ -10,7 +10,6 @@ a day, and those a live worker serves now.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from chatstream_cluster.shared.models import ModelRegistry
 from chatstream_cluster.shared.redis_errors import TRANSIENT_REDIS_ERRORS, reraise_if_cancelling
 from chatstream_cluster.shared.registry import WorkerRegistry
 from chatstream_cluster.shared.schemas import WorkerInfo
+from chatstream_cluster.shared.waits import wait_set
 
 log = logging.getLogger("chatstream.gateway")
 
@@ -106,8 +106,7 @@ class WorkerCache:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
+            await wait_set(self._changed, remaining)
 
     async def wait_for_worker(self, model: str, timeout: float) -> None:
         """Return once a serving worker of `model` is known; else 503: at once when Redis is
@@ -117,8 +116,7 @@ class WorkerCache:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
+            await wait_set(self._changed, remaining)
         if not self.redis_ok:
             raise redis_unavailable()
         if not self.serving_for(model):

@@ -16,8 +16,9 @@ stay reserved for them, so the total never exceeds what the worker asked for.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
+
+from chatstream_cluster.shared.supervise import cancel_and_wait
 
 Entry = tuple[int, Any, Any]  # (partition, entry id, fields)
 
@@ -62,11 +63,7 @@ class PartitionReader:
         reclaimed by another worker after `--job-claim-idle`)."""
         tasks = list(self._blocked.values())
         self._blocked.clear()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait(tasks)
 
     def _rotation(self) -> list[int]:
         n = len(self.streams)

@@ -26,6 +26,7 @@ from typing import Any
 
 from chatstream_cluster.shared.keys import Keys
 from chatstream_cluster.shared.replica_wait import eval_durably
+from chatstream_cluster.shared.waits import wait_set
 
 # KEYS: holders, waiters, waiter heartbeats, ticket. Defines `now` (ms, server clock).
 _PURGE = """
@@ -224,10 +225,7 @@ class RedisSemaphore:
                 interval = self._beat_s if cap <= 0 else poll_interval
                 pause = min(remaining, interval * random.uniform(0.8, 1.2), self._beat_s)
                 wake = self._wake
-                try:
-                    await asyncio.wait_for(wake.wait(), pause)
-                except TimeoutError:
-                    pass
+                await wait_set(wake, pause)
         except SemaphoreTimeout:
             raise
         except BaseException:

@@ -117,6 +117,19 @@ class WorkerSettings(CommonSettings):
         description="KV cache layout: paged blocks, or rows in virtual memory (CPU, Linux); "
         "auto = rows on CPU, paged elsewhere.",
     )
+    cuda_graphs: Literal["on", "off"] = Field(
+        "off",
+        description="On CUDA with the paged KV layout: capture the decode step as CUDA graphs "
+        "at start-up (one per batch-size and KV-length bucket) and replay them; a model whose "
+        "capture fails or whose first replay differs from the eager forward runs eagerly. Off "
+        "until verified on a GPU (bench/gpu_check.sh).",
+    )
+    decode_attention: Literal["gather", "flex"] = Field(
+        "gather",
+        description="Decode attention over the paged KV cache: gather (the step's blocks up to "
+        "its longest sequence, then SDPA) or flex (PyTorch flex_attention reading each "
+        "sequence's own blocks in place; compiled with Triton on CUDA, slow on CPU).",
+    )
     stream_interval: float = Field(
         0.02, ge=0, le=1.0,
         description="Seconds a sequence's new text may wait to be sent with the next tokens "

@@ -12,10 +12,9 @@ process whose task keeps crashing. Cancellation (shutdown) is not a crash.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 log = logging.getLogger("chatstream.supervise")
 
@@ -24,6 +23,25 @@ BACKOFF_MAX_S = 10.0
 HEALTHY_AFTER_S = 60.0
 
 TaskFactory = Callable[[], Awaitable[None]]
+RECANCEL_EVERY_S = 0.2
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task]) -> None:
+    """Cancel `tasks` and wait until every one has ended, cancelling again while one runs on.
+
+    One cancel is not always enough on Python 3.11: `asyncio.wait_for` returns the inner
+    result when it completes in the same loop turn as the cancel (and redis-py may turn a
+    cancel into a connection error), so a loop can swallow the cancel and go back to sleep.
+    """
+    tasks = list(tasks)
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _done, pending = await asyncio.wait(pending, timeout=RECANCEL_EVERY_S)
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: a crash at shutdown is not "never retrieved"
 
 
 class Supervisor:
@@ -47,11 +65,7 @@ class Supervisor:
     async def stop(self) -> None:
         """Cancel every task and wait for them."""
         self._stopping = True
-        for task in self.tasks.values():
-            task.cancel()
-        for task in self.tasks.values():
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self.tasks.values())
 
     async def _keep(self, name: str, factory: TaskFactory) -> None:
         delay = BACKOFF_START_S

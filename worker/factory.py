@@ -30,6 +30,8 @@ def make_engine(settings: WorkerSettings) -> Engine:
         prefill_chunk_tokens=settings.prefill_chunk_tokens,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         kv_layout=settings.kv_layout,
+        cuda_graphs=settings.cuda_graphs,
+        decode_attention=settings.decode_attention,
     )
 
 

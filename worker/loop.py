@@ -45,6 +45,7 @@ from chatstream_cluster.shared.schemas import (
 from chatstream_cluster.shared.sentinel_watch import sentinel_watch
 from chatstream_cluster.shared.settings import WorkerSettings
 from chatstream_cluster.shared.supervise import Supervisor
+from chatstream_cluster.shared.waits import wait_set
 from chatstream_cluster.worker.engine_api import (
     Engine,
     EngineLoad,
@@ -157,8 +158,7 @@ class Worker:
         deadline = time.monotonic() + self.settings.drain_timeout
         while self.active and time.monotonic() < deadline:
             self._slot_free.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._slot_free.wait(), deadline - time.monotonic())
+            await wait_set(self._slot_free, deadline - time.monotonic())
         if self.active:
             log.warning(
                 "drain timeout: leaving jobs to other workers",
@@ -176,8 +176,7 @@ class Worker:
                 log.warning(f"redis unavailable: {what}", extra={"error": str(exc)})
                 if self._draining.is_set():
                     return None
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._draining.wait(), delay)
+                await wait_set(self._draining, delay)
                 delay = min(delay * 2, 2.0)
 
     # --- intake ----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import signal
 from chatstream_cluster.shared.jobqueue import PartitionMismatch
 from chatstream_cluster.shared.logs import setup_logging
 from chatstream_cluster.shared.settings import WorkerSettings
+from chatstream_cluster.shared.waits import wait_set
 from chatstream_cluster.worker.engine.faults import cold_start_seconds
 from chatstream_cluster.worker.engine_api import UnsupportedModel
 from chatstream_cluster.worker.factory import make_engine, warm_up
@@ -53,10 +54,7 @@ async def _fake_cold_start() -> bool:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await asyncio.wait_for(stop.wait(), delay)
-        return False
-    except TimeoutError:
-        return True
+        return not await wait_set(stop, delay)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

@@ -24,7 +24,6 @@ size of one session (bounded by the history budget, docs/security.md) in Redis.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
@@ -38,6 +37,7 @@ from chatstream_cluster.gateway.sessions.history import Message
 from chatstream_cluster.gateway.sessions.params import DEFAULT_PARAMS
 from chatstream_cluster.shared.keys import Keys
 from chatstream_cluster.shared.redis_errors import TRANSIENT_REDIS_ERRORS
+from chatstream_cluster.shared.supervise import cancel_and_wait
 
 log = logging.getLogger("chatstream.gateway")
 
@@ -150,9 +150,7 @@ class SessionLock:
         if self._released:
             return
         self._released = True
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await cancel_and_wait([self._task])
         try:
             await self.store._lock_release(keys=[self.key], args=[self.token])
         except TRANSIENT_REDIS_ERRORS as exc:

@@ -69,6 +69,9 @@ def test_a_worker_whose_steps_keep_failing_leaves_and_exits_non_zero(cluster) ->
     cluster.wait_ready(gateway)
     reader = StreamReader(gateway.url, "keeps failing", 50)
     reader.start()
+    # B starts once A has the job (else B could read it first and A would never fail).
+    wait_until(lambda: "engine step failed" in bad.log() or not bad.alive(), 30,
+               what="the failing worker to take the job")
     good = cluster.start_worker("mock", job_claim_idle=6.0, worker_ttl=1.0, mock_tokens_per_s=40)
     assert bad.wait(30) == 1
     log = bad.log()

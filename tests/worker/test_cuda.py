@@ -1,5 +1,7 @@
 """HFEngine on CUDA (skipped without a GPU): greedy text equals the CPU's, `--device cuda:N`
-pins GPU N, sampling and seeds work, bf16 by default.
+pins GPU N, sampling and seeds work, bf16 by default; CUDA graphs (both forwards) and flex
+decode attention give the eager text, the counter-based draw is the same on the GPU, and a
+decode step syncs with the host once.
 
 Self-contained (no conftest fixtures, no Redis), so a GPU machine without the cluster's
 dependencies runs it with `pytest --noconftest tests/worker/test_cuda.py` (bench/gpu_check.sh).
@@ -7,6 +9,7 @@ dependencies runs it with `pytest --noconftest tests/worker/test_cuda.py` (bench
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -16,6 +19,7 @@ from chatstream_cluster.shared.schemas import ChatMessage, SamplingParams
 from chatstream_cluster.shared.settings import WorkerSettings
 from chatstream_cluster.worker.demo_model import build_demo_model
 from chatstream_cluster.worker.engine import HFEngine
+from chatstream_cluster.worker.engine.sampling import BELOW_ONE, draw_uniform, uniform_reference
 from chatstream_cluster.worker.engine_api import GenerationRequest
 from chatstream_cluster.worker.factory import make_engine
 
@@ -124,5 +128,91 @@ def test_worker_settings_device_reach_the_engine(model_dir: str) -> None:
     try:
         assert isinstance(engine, HFEngine) and engine.threads == 0  # torch's default on CUDA
         assert {p.device for p in engine.model.parameters()} == {torch.device("cuda", 0)}
+    finally:
+        engine.close()
+
+
+def mixed_requests() -> list[GenerationRequest]:
+    """Five at once (graphs pad them to 8), finishing at different steps, greedy and seeded."""
+    greedy = [req(f"g{i}", p, temperature=0, max_tokens=20 + 6 * i)
+              for i, p in enumerate(PROMPTS)]
+    return [*greedy, req("s", "seeded", seed=9, top_p=0.9, max_tokens=24),
+            req("k", "top k", seed=4, top_k=5, temperature=0.7, max_tokens=16)]
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "models-own-code"])
+def test_cuda_graphs_give_the_eager_text(model_dir: str, fast: bool) -> None:
+    """float32, so padding to a bucket cannot flip a token: graph replays equal eager."""
+    eager = HFEngine(model_dir, device="cuda:0", max_batch=8, dtype="float32",
+                     kv_layout="paged", fast_forward=fast)
+    graphed = HFEngine(model_dir, device="cuda:0", max_batch=8, dtype="float32",
+                       kv_layout="paged", fast_forward=fast, cuda_graphs="on")
+    try:
+        assert graphed.decode_path == "cuda-graphs", graphed.runner.graphs.reason
+        assert graphed.runner.graphs.path == ("fast" if fast else "hf")
+        assert run(graphed, *mixed_requests()) == run(eager, *mixed_requests())
+        assert graphed.decode_path == "cuda-graphs"  # every first replay matched
+        assert len(graphed.runner.graphs.verified) >= 3
+    finally:
+        eager.close()
+        graphed.close()
+
+
+def test_cuda_graphs_in_bfloat16_stay_on(model_dir: str) -> None:
+    """bf16 (the default): every first replay within the self-check's tolerance."""
+    engine = HFEngine(model_dir, device="cuda:0", max_batch=8, cuda_graphs="on")
+    try:
+        texts = run(engine, *mixed_requests())
+        assert engine.decode_path == "cuda-graphs", engine.runner.graphs.reason
+        assert len(texts["g0"]) == 20 and len(texts["s"]) == 24
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("graphs", ["off", "on"])
+def test_flex_decode_gives_the_gather_text(model_dir: str, graphs: str) -> None:
+    gather = HFEngine(model_dir, device="cuda:0", max_batch=8, dtype="float32",
+                      kv_layout="paged")
+    flex = HFEngine(model_dir, device="cuda:0", max_batch=8, dtype="float32",
+                    kv_layout="paged", decode_attention="flex", cuda_graphs=graphs)
+    try:
+        assert flex.decode_attention == "flex"  # compiled with Triton, passed its self-check
+        assert run(flex, *mixed_requests()) == run(gather, *mixed_requests())
+        if graphs == "on":
+            assert flex.decode_path == "cuda-graphs", flex.runner.graphs.reason
+    finally:
+        gather.close()
+        flex.close()
+
+
+def test_the_draw_is_the_same_on_the_gpu() -> None:
+    pairs = [(-(2**63), 0), (-1, 7), (0, 2**31), (1, 99), (2**62 + 12345, 4095)]
+    keys = torch.tensor([k for k, _ in pairs], dtype=torch.long)
+    fed = torch.tensor([p for _, p in pairs], dtype=torch.long)
+    expected = draw_uniform(keys, fed)  # the CPU's (numpy) path
+    on_gpu = draw_uniform(keys.cuda(), fed.cuda()).cpu()
+    assert torch.equal(on_gpu, expected)
+    reference = [uniform_reference(k, p + 1) * BELOW_ONE for k, p in pairs]
+    assert torch.equal(expected, torch.tensor(reference, dtype=torch.float32))
+
+
+def test_a_decode_step_syncs_with_the_host_once(model_dir: str) -> None:
+    engine = HFEngine(model_dir, device="cuda:0", max_batch=8, cuda_graphs="on")
+    try:
+        for r in mixed_requests():
+            engine.submit(r)
+        for _ in range(4):  # admission, prefill, the first replays (checked against eager)
+            engine.step()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                for _ in range(8):
+                    engine.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        assert len(syncs) <= 8, [str(w.message) for w in syncs]  # the .tolist() of each step
+        run(engine)
     finally:
         engine.close()

@@ -109,6 +109,22 @@ def test_seeds(engine: HFEngine) -> None:
     assert run(engine, req("s4", seed=42, max_tokens=20))["s4"].text == res["s1"].text
 
 
+def test_seeded_text_does_not_depend_on_batch_companions(engine: HFEngine) -> None:
+    """The draw is keyed on (seed, position): a seeded reply is the same alone, in a batch of
+    other requests, in another row, and after a companion leaves and its row moves."""
+    def seeded() -> GenerationRequest:
+        return req("s", "the same prompt", seed=7, top_p=0.9, temperature=0.9, max_tokens=24)
+
+    alone = run(engine, seeded())["s"].text
+    crowded = run(engine, req("a", "x", max_tokens=3),  # leaves early: "s" moves to row 0
+                  req("b", "another prompt", temperature=0.3, top_k=4, max_tokens=30),
+                  seeded())
+    first = run(engine, seeded(), req("c", "y", seed=7, max_tokens=24),
+                req("d", "greedy", temperature=0, max_tokens=5))
+    assert crowded["s"].text == alone == first["s"].text
+    assert first["c"].text != alone  # the same seed on another prompt draws other text
+
+
 def test_stop_string_truncates(engine: HFEngine) -> None:
     full = run(engine, req("f", "stop test", temperature=0, max_tokens=30))["f"].text
     stop = full[10:13]

@@ -102,7 +102,7 @@ def test_paged_blocks_come_back_and_tables_stay_put() -> None:
                  max_len=64, tokens=96)
     table = kv.block_tables
     pool = kv.k[0].data_ptr()
-    assert kv.tokens_total == 96 and kv.num_blocks == 7  # 6 blocks of 16 + the null block
+    assert kv.tokens_total == 96 and kv.num_blocks == 8  # 6 blocks of 16 + null + scratch
     kv.reserve(0, 40)  # 3 blocks
     kv.reserve(1, 48)  # 3 blocks
     assert kv.tokens_used == 96 and not kv.fits(1)
@@ -114,6 +114,13 @@ def test_paged_blocks_come_back_and_tables_stay_put() -> None:
     assert table[0].tolist() == blocks_of_1 and table[1].tolist() == [0, 0, 0, 0]
     assert kv.fits(48) and not kv.fits(49)
     assert kv.block_tables is table and kv.k[0].data_ptr() == pool  # nothing moved
+    # Who holds each block, and where in its table: what flex decode reads the pool by.
+    owner, index = kv.block_owner.tolist(), kv.block_index.tolist()
+    assert [owner[b] for b in blocks_of_1[:3]] == [0, 0, 0]
+    assert [index[b] for b in blocks_of_1[:3]] == [0, 1, 2]
+    assert owner.count(-1) == 8 - 3 - 1  # the free blocks and the null block
+    assert owner[kv.scratch_block] == kv.scratch_row == 3  # padding rows write there
+    assert table[kv.scratch_row].tolist() == [kv.scratch_block] * 4
 
 
 def test_cuda_budget_is_what_utilization_leaves(monkeypatch: pytest.MonkeyPatch) -> None:

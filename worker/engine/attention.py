@@ -4,7 +4,9 @@
 already in the cache) and returns the attention output [T, heads, dim]:
 
 - decodes (the first n tokens) together: one query per sequence against its cached keys,
-  padded to the longest, masked per sequence (length and, on sliding layers, window);
+  padded to the longest, masked per sequence (length and, on sliding layers, window); or, with
+  `--decode-attention flex` on the paged layout, in place over each sequence's own blocks
+  (flex_decode.py);
 - each prefill chunk against its own sequence: causal, offset by what is already cached.
 
 The mask is built here from each sequence's length and the layer's window, never taken from
@@ -49,7 +51,10 @@ def attend(
 
 def _decode(kv, layer, q, batch, scale, window, softcap) -> torch.Tensor:  # noqa: ANN001
     """One query per decoding sequence, against k/v [R, kv_heads, L, dim] viewed by the cache
-    (R > n when the cache views rows of sequences that are not decoding: their queries are 0)."""
+    (R > n when the cache views rows of sequences that are not decoding: their queries are 0),
+    or in place through flex_attention (flex_decode.py) when the cache has it."""
+    if kv.flex is not None:
+        return kv.flex.attend(layer, q, batch, scale, window, softcap)
     k, v = kv.decode_kv(layer, batch)
     rows, kv_heads, length, dim = k.shape
     heads = q.shape[1]

@@ -29,6 +29,9 @@ class Detokenizer(Protocol):
     def add(self, ids: Iterable[int]) -> str:
         """Feed new token ids; return the newly completed text (maybe empty)."""
 
+    def add_one(self, token: int) -> str:
+        """`add((token,))`, without the iterable (the engine feeds one token per step)."""
+
     def flush(self) -> str:
         """Return whatever is still held back (the sequence has ended)."""
 
@@ -43,19 +46,26 @@ class StreamDetokenizer:
         self._backend = tokenizer.backend_tokenizer
         context = list(prefix_ids[-PREFIX_WINDOW:])
         self._stream = DecodeStream(ids=context or None, skip_special_tokens=True)
-        self._emitted = context  # ids whose text is out: the context of what is held
+        self._emitted = list(context)  # ids whose text is out: the context of what is held
         self._held: list[int] = []
 
     def add(self, ids: Iterable[int]) -> str:
-        out = []
-        for token in ids:
-            chunk = self._stream.step(self._backend, token)
+        return "".join([self.add_one(token) for token in ids])
+
+    def add_one(self, token: int) -> str:
+        chunk = self._stream.step(self._backend, token)
+        if chunk is None:
             self._held.append(token)
-            if chunk is not None:
-                out.append(chunk)
-                self._emitted = (self._emitted + self._held)[-PREFIX_WINDOW:]
-                self._held = []
-        return "".join(out)
+            return ""
+        if self._held:
+            self._emitted = (self._emitted + self._held + [token])[-PREFIX_WINDOW:]
+            self._held = []
+        else:
+            emitted = self._emitted
+            emitted.append(token)
+            if len(emitted) > PREFIX_WINDOW:
+                del emitted[0]
+        return chunk
 
     def flush(self) -> str:
         if not self._held:
@@ -87,6 +97,9 @@ class PrefixDiffDetokenizer:
             self._read_offset = len(self._ids)
             return new_text[len(prefix_text) :]
         return ""
+
+    def add_one(self, token: int) -> str:
+        return self.add((token,))
 
     def flush(self) -> str:
         if self._read_offset >= len(self._ids):

@@ -27,11 +27,18 @@ import time
 import torch
 
 from chatstream_cluster.shared.schemas import JobError
+from chatstream_cluster.worker.engine.cuda_graphs import (
+    Capture,
+    DecodeGraphs,
+    cuda_capture,
+    length_buckets,
+)
 from chatstream_cluster.worker.engine.detokenizer import make_detokenizer, split_stop
 from chatstream_cluster.worker.engine.faults import FaultPlan
 from chatstream_cluster.worker.engine.hf_model import eos_ids, load_model, max_context
 from chatstream_cluster.worker.engine.kv_cache import bytes_per_token, make_kv_cache
 from chatstream_cluster.worker.engine.model_check import (
+    TOLERANCE,
     check_supported,
     probe,
     probe_ids,
@@ -39,10 +46,16 @@ from chatstream_cluster.worker.engine.model_check import (
 )
 from chatstream_cluster.worker.engine.prompt import render
 from chatstream_cluster.worker.engine.runner import Runner
-from chatstream_cluster.worker.engine.sampling import sample, suppress_mask
+from chatstream_cluster.worker.engine.sampling import (
+    SamplingRows,
+    sample,
+    seed_key,
+    suppress_mask,
+)
 from chatstream_cluster.worker.engine.scheduler import ChunkBudget, Scheduler, StepPlan
 from chatstream_cluster.worker.engine.sequence import Sequence
 from chatstream_cluster.worker.engine.sizing import fit_max_len, plan_kv
+from chatstream_cluster.worker.engine.step_timer import StepTimer
 from chatstream_cluster.worker.engine_api import EngineLoad, GenerationRequest, StepOutput
 
 log = logging.getLogger("chatstream.worker")
@@ -72,9 +85,16 @@ class HFEngine:
         prefill_chunk_tokens: int = 0,
         gpu_memory_utilization: float = 0.9,
         kv_layout: str = "auto",
+        cuda_graphs: str = "off",
+        decode_attention: str = "gather",
+        graph_capture: Capture | None = None,
     ):
         """`threads`: torch CPU threads for the thread that steps the engine (0 = torch's
         default). torch keeps that setting per thread, so `step()` applies it to its caller.
+        `cuda_graphs` "on": decode steps replay CUDA graphs (cuda_graphs.py; CUDA and the
+        paged layout only); `graph_capture` replaces the CUDA capture (tests:
+        `cuda_graphs.EagerReplay()` runs the same machinery on a CPU). `decode_attention`
+        "flex": decode reads the paged pool in place (flex_decode.py).
         Raises `UnsupportedModel` (model_check.py) for a model it cannot serve correctly."""
         self.threads = threads
         self._thread_state = threading.local()  # .ready: `threads` applied in this thread
@@ -107,13 +127,22 @@ class HFEngine:
         self.runner = Runner(self.model, self.kv, self.max_context, fast_forward, self.faults,
                              max_step_tokens=self.chunk_tokens + max_batch)
         self.fast_forward = self.runner.fast
-        self_check(self.runner, self.kv, self.model, ids[: self.max_context],
-                   reference[: self.max_context])
+        checked = False
+        if decode_attention == "flex":
+            checked = self._use_flex(ids, reference)
+        if not checked:
+            self_check(self.runner, self.kv, self.model, ids[: self.max_context],
+                       reference[: self.max_context])
+        if cuda_graphs == "on":
+            self._capture_graphs(graph_capture, kv_dtype)
         self._eos = eos_ids(self.model, self.tokenizer)
         self._suppress = suppress_mask(self.model, self.device)
         adaptive = not prefill_chunk_tokens and self.device.type == "cpu"
         self.chunk = ChunkBudget(self.chunk_tokens, adaptive)
-        self.scheduler = Scheduler(self.kv, max_batch, self.max_context, self.chunk)
+        self.sampling = SamplingRows(max_batch, self.device)
+        self.scheduler = Scheduler(self.kv, max_batch, self.max_context, self.chunk,
+                                   self.sampling)
+        self.timer: StepTimer | None = None  # set by benchmarks: where a step's time goes
         self._lock = threading.Lock()
         self._inbox: list[Sequence] = []
         self._cancels: set[str] = set()
@@ -121,7 +150,8 @@ class HFEngine:
             "model": model, "device": str(self.device), "kv_layout": self.kv.layout,
             "kv_tokens": self.kv.tokens_total, "kv_bytes": plan.budget_bytes,
             "max_model_len": self.max_context, "prefill_chunk_tokens": self.chunk_tokens,
-            "fast_path": self.fast_forward,
+            "fast_path": self.fast_forward, "decode": self.decode_path,
+            "decode_attention": self.decode_attention,
         })
 
     # -- the Engine protocol -------------------------------------------------------------
@@ -165,11 +195,16 @@ class HFEngine:
         if not getattr(self._thread_state, "ready", False):
             self._use_threads()
         outputs: list[StepOutput] = []
+        timer = self.timer
+        if timer is not None:
+            timer.start()
         with torch.inference_mode():
             self._drain_inbox(outputs)
             plan = self.scheduler.plan()
             if plan:
                 self._run(plan, outputs)
+        if timer is not None:
+            timer.stop()
         return outputs
 
     def reset(self) -> list[str]:
@@ -191,6 +226,17 @@ class HFEngine:
         self.model = self.runner = None  # type: ignore[assignment]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    @property
+    def decode_attention(self) -> str:
+        """Which decode attention runs: "flex" (the paged pool in place) or "gather"."""
+        return "flex" if self.kv.flex is not None else "gather"
+
+    @property
+    def decode_path(self) -> str:
+        """How decode steps run: "cuda-graphs" (captured and not turned off) or "eager"."""
+        graphs = self.runner.graphs if self.runner is not None else None
+        return "cuda-graphs" if graphs is not None and graphs.enabled else "eager"
 
     def _use_threads(self) -> None:
         self._thread_state.ready = True
@@ -221,8 +267,7 @@ class HFEngine:
         elif seq.tokens >= request.sampling.max_tokens:
             seq.early = self._final(seq, "length")
         else:
-            if request.sampling.seed is not None:
-                seq.generator = torch.Generator().manual_seed(request.sampling.seed)
+            seq.key = seed_key(request.sampling.seed)
             seq.detok = make_detokenizer(self.tokenizer, seq.prompt_ids)
         return seq
 
@@ -253,25 +298,37 @@ class HFEngine:
             self.scheduler.release(seq)
 
     def _run(self, plan: StepPlan, outputs: list[StepOutput]) -> None:
+        timer = self.timer
         started = time.perf_counter()
-        logits = self.runner.run(plan)
+        batch = self.runner.prepare(plan)
+        if timer is not None:
+            timer.mark()
+        logits = self.runner.forward(batch)
+        if timer is not None:
+            timer.mark()
         self.chunk.record(len(plan.decodes), sum(n for _, n in plan.chunks),
                           time.perf_counter() - started)
         # The forward succeeded: only now does the sequences' state move on.
-        sampled = list(plan.decodes)
-        for seq, n in plan.chunks:
-            seq.computed += n
-            if seq.prefilled:
-                sampled.append(seq)
-        for seq in plan.decodes:
+        sampled = plan.decodes
+        for seq in sampled:
             seq.computed += 1
+        if plan.chunks:
+            sampled = list(sampled)
+            for seq, n in plan.chunks:
+                seq.computed += n
+                if seq.prefilled:
+                    sampled.append(seq)
         if not sampled:
             return
-        params = [s.request.sampling for s in sampled]
-        tokens = sample(logits, params, [s.generator for s in sampled], self._suppress)
+        rows, positions = batch.sampled()
+        drawn = sample(logits, rows, positions, self.sampling, self._suppress)
+        if timer is not None:
+            timer.mark()  # before the sync: on CUDA its event then completes with the step
+        tokens = drawn.tolist()  # the step's one host sync
+        advance = self._advance
         finished = []
         for seq, token in zip(sampled, tokens, strict=True):
-            out = self._advance(seq, token)
+            out = advance(seq, token)
             if out is not None:
                 outputs.append(out)
                 if out.finish_reason:
@@ -289,26 +346,26 @@ class HFEngine:
         else:
             seq.tokens += 1
             seq.last_token = token
-            text = seq.detok.add((token,))
+            text = seq.detok.add_one(token)
             if seq.tokens >= sampling.max_tokens or seq.length >= self.max_context:
                 finish = "length"
-        pending = seq.pending + text
-        if finish is not None:
-            pending += seq.detok.flush()
-        emit, seq.pending, hit = split_stop(pending, sampling.stop)
-        if hit:
-            finish = "stop"
-        elif finish is not None:
-            emit, seq.pending = emit + seq.pending, ""
-        if not emit and finish is None and seq.sent_first:
-            return None
-        out = StepOutput(
-            request_id=seq.request_id,
-            text=emit,
-            tokens=seq.tokens,
-            prompt_tokens=len(seq.prompt_ids),
-            finish_reason=finish,
-        )
+        if finish is None and not sampling.stop and not seq.pending:
+            # The common case, with nothing held back: the new text goes out as it is.
+            if not text and seq.sent_first:
+                return None
+            emit = text
+        else:
+            pending = seq.pending + text
+            if finish is not None:
+                pending += seq.detok.flush()
+            emit, seq.pending, hit = split_stop(pending, sampling.stop)
+            if hit:
+                finish = "stop"
+            elif finish is not None:
+                emit, seq.pending = emit + seq.pending, ""
+            if not emit and finish is None and seq.sent_first:
+                return None
+        out = StepOutput(seq.request.request_id, emit, seq.tokens, len(seq.prompt_ids), finish)
         if not seq.sent_first:
             out.prompt = seq.prompt_text
             seq.sent_first = True
@@ -327,6 +384,43 @@ class HFEngine:
         return out
 
     # -- start-up ------------------------------------------------------------------------
+
+    def _use_flex(self, ids: list[int], reference: torch.Tensor) -> bool:
+        """Decode attention through flex_decode.py, if the self-check passes with it (True);
+        else the gather path (logged) and False: the caller self-checks that."""
+        from chatstream_cluster.worker.engine.flex_decode import FlexDecode
+
+        if self.kv.layout != "paged":
+            log.warning("flex decode attention needs the paged KV layout: using gather",
+                        extra={"kv_layout": self.kv.layout})
+            return False
+        try:
+            self.kv.flex = FlexDecode(self.kv, compiled=self.device.type == "cuda")
+            self_check(self.runner, self.kv, self.model, ids[: self.max_context],
+                       reference[: self.max_context])
+            return True
+        except Exception as exc:  # noqa: BLE001 - any failure: the verified gather path
+            self.kv.flex = None
+            log.warning("flex decode attention failed its check: using gather",
+                        extra={"error": f"{type(exc).__name__}: {exc}"})
+            return False
+
+    def _capture_graphs(self, capture: Capture | None, dtype: torch.dtype) -> None:
+        if self.kv.layout != "paged" or (capture is None and self.device.type != "cuda"):
+            log.warning("CUDA graphs need a CUDA device and the paged KV layout: decode steps "
+                        "run eagerly", extra={"device": str(self.device),
+                                              "kv_layout": self.kv.layout})
+            return
+        lengths = length_buckets(self.max_context, self.kv.block_size)
+        if self.kv.flex is not None:  # it reads each sequence's blocks: one length will do
+            lengths = lengths[-1:]
+        graphs = DecodeGraphs(
+            self.runner.eager, self.runner.buffers, self.max_batch, lengths,
+            capture or cuda_capture(self.device), TOLERANCE.get(dtype, 0.1), self.runner.path,
+        )
+        with torch.inference_mode():
+            graphs.capture_all()
+        self.runner.graphs = graphs
 
     def _profile(self, shapes, dtype) -> None:  # noqa: ANN001
         """One forward of the largest step (a full prefill chunk plus a decode per batch

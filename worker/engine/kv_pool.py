@@ -6,14 +6,22 @@ attention kernels take). Block 0 is a zero "null" block: unused block-table entr
 there, so padded reads see zeros that the mask hides. A sequence gets all the blocks of its
 reservation when it is admitted, so its block table never changes while it runs.
 
-`block_tables` [max_batch, max_blocks] is one preallocated device tensor, a row per running
-sequence, written only when a sequence is admitted or moved; per step, `prepare()` turns
-(row, position) of every token into its slot with tensor ops on the device. Reads gather the
-blocks a step needs (SDPA then runs on them); that is cheap on a GPU and is what a paged
-attention kernel would avoid (the CUDA-graph work).
+`block_tables` [max_batch + 1, max_blocks] is one preallocated device tensor, a row per
+running sequence, written only when a sequence is admitted or moved; per step, `prepare()`
+turns (row, position) of every token into its slot with tensor ops on the device. Its last row
+(`scratch_row`) points every entry at one scratch block that no sequence owns: the padding rows
+of a CUDA-graph replay (cuda_graphs.py) write their keys and values there. `block_owner` and
+`block_index` [num_blocks] say which row holds each block and at which place in its table
+(-1: free), for attention that reads the pool in place (flex_decode.py).
+
+Decode attention reads either by gathering the blocks of the step's rows up to its longest
+sequence (then SDPA on them; cheap on a GPU) or, with `--decode-attention flex`, in place
+through flex_attention over each sequence's own blocks (flex_decode.py).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -27,6 +35,7 @@ class PagedKV(Budgeted):
     """See the module docstring."""
 
     layout = "paged"
+    flex: Any = None  # a flex_decode.FlexDecode when decode attention reads the pool in place
 
     def __init__(
         self, shapes: list[KVShape], dtype: torch.dtype, device: torch.device, max_batch: int,
@@ -36,15 +45,21 @@ class PagedKV(Budgeted):
         self.max_batch, self.max_len, self.block_size = max_batch, max_len, block_size
         self.max_blocks = -(-max_len // block_size)
         usable = max(0, tokens // block_size)
-        self.num_blocks = usable + 1  # + the null block
+        self.num_blocks = usable + 2  # + the null block (0) and the scratch block (last)
         self.budget = TokenBudget(usable * block_size, block_size)
         slots = self.num_blocks * block_size
         self.k = [torch.zeros(slots, s.kv_heads, s.head_dim, dtype=dtype, device=device)
                   for s in shapes]
         self.v = [torch.zeros_like(k) for k in self.k]
-        self.block_tables = torch.zeros(max_batch, self.max_blocks, dtype=torch.long,
+        self.scratch_row, self.scratch_block = max_batch, self.num_blocks - 1
+        self.block_tables = torch.zeros(max_batch + 1, self.max_blocks, dtype=torch.long,
                                         device=device)
-        self._free = list(range(self.num_blocks - 1, 0, -1))  # pop() hands out low ids first
+        self.block_tables[self.scratch_row] = self.scratch_block
+        self.block_owner = torch.full((self.num_blocks,), -1, dtype=torch.long, device=device)
+        self.block_owner[self.scratch_block] = self.scratch_row
+        self.block_index = torch.zeros(self.num_blocks, dtype=torch.long, device=device)
+        self.block_positions = torch.arange(self.max_blocks, device=device)
+        self._free = list(range(usable, 0, -1))  # pop() hands out low ids first
         self._blocks: dict[int, list[int]] = {}
 
     # -- budget and rows --------------------------------------------------------------
@@ -57,9 +72,14 @@ class PagedKV(Budgeted):
         table = torch.zeros(self.max_blocks, dtype=torch.long)
         table[:count] = torch.tensor(blocks, dtype=torch.long)
         self.block_tables[row].copy_(table, non_blocking=True)
+        held = self.block_tables[row, :count]
+        self.block_owner.index_fill_(0, held, row)
+        self.block_index.index_copy_(0, held, self.block_positions[:count])
 
     def release(self, row: int) -> None:
-        self._free.extend(reversed(self._blocks.pop(row, [])))
+        blocks = self._blocks.pop(row, [])
+        self.block_owner.index_fill_(0, self.block_tables[row, : len(blocks)], -1)
+        self._free.extend(reversed(blocks))
         self.budget.give_back(row)
         self.block_tables[row].zero_()
 
@@ -69,6 +89,7 @@ class PagedKV(Budgeted):
         self.budget.move(src, dst)
         self.block_tables[dst].copy_(self.block_tables[src])
         self.block_tables[src].zero_()
+        self.block_owner.index_fill_(0, self.block_tables[dst, : len(self._blocks[dst])], dst)
 
     def reset(self) -> None:
         for row in list(self._blocks):

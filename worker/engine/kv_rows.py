@@ -36,6 +36,7 @@ class MappedRowsKV(Budgeted):
     """See the module docstring."""
 
     layout = "rows"
+    flex = None  # decode attention reads views of the rows (flex_decode.py is paged only)
 
     def __init__(
         self, shapes: list[KVShape], dtype: torch.dtype, max_batch: int, max_len: int,

@@ -134,9 +134,9 @@ def self_check(runner: Any, kv: Any, model: Any, ids: list[int], reference: torc
 
 
 def _check_layers(runner: Any, model: Any) -> None:
-    if not isinstance(runner.forward, HFForward):
+    if not isinstance(runner.forward_impl, HFForward):
         return
-    ctx = runner.forward.last
+    ctx = runner.forward_impl.last
     count = model.config.get_text_config().num_hidden_layers
     expected = layer_windows(model.config)
     if ctx.written != set(range(count)) or set(ctx.attended) != set(range(count)):

@@ -12,7 +12,8 @@ Every step, in order:
 
 A long prompt is thus prefilled over several steps, each also decoding every running stream,
 so running streams keep a steady pace while it is prefilled (vLLM's chunked prefill).
-Running sequences occupy KV rows 0..n-1; when one leaves, the last row moves into its place.
+Running sequences occupy KV rows 0..n-1; when one leaves, the last row moves into its place
+(in the KV cache and in the per-row sampling table, sampling.SamplingRows).
 """
 
 from __future__ import annotations
@@ -81,8 +82,10 @@ class ChunkBudget:
 class Scheduler:
     """The waiting line and the running batch of one engine."""
 
-    def __init__(self, kv, max_batch: int, max_len: int, chunk: ChunkBudget):  # noqa: ANN001
+    def __init__(self, kv, max_batch: int, max_len: int, chunk: ChunkBudget,  # noqa: ANN001
+                 sampling=None):  # noqa: ANN001 - sampling.SamplingRows
         self.kv = kv
+        self.sampling = sampling
         self.max_batch = max_batch
         self.max_len = max_len
         self.chunk = chunk
@@ -91,19 +94,18 @@ class Scheduler:
 
     def plan(self) -> StepPlan:
         """Decide this step (admitting what fits); the caller runs it, then `advance`s."""
-        plan = StepPlan()
-        decoding = sum(1 for seq in self.running if seq.prefilled)
+        running = self.running
+        plan = StepPlan([seq for seq in running if seq.computed >= len(seq.prompt_ids)])
         budget = self.chunk.max  # prompt tokens this step
-        long_budget = self.chunk.tokens(decoding)  # of which for long prompts
-        for seq in self.running:
-            if seq.prefilled:
-                plan.decodes.append(seq)
-            elif budget > 0:
-                n = self._chunk(seq, budget, long_budget)
-                if n:
-                    plan.chunks.append((seq, n))
-                    budget -= n
-                    long_budget -= n if self._is_long(seq) else 0
+        long_budget = self.chunk.tokens(len(plan.decodes))  # of which for long prompts
+        if len(plan.decodes) < len(running):
+            for seq in running:
+                if not seq.prefilled and budget > 0:
+                    n = self._chunk(seq, budget, long_budget)
+                    if n:
+                        plan.chunks.append((seq, n))
+                        budget -= n
+                        long_budget -= n if self._is_long(seq) else 0
         while budget > 0 and self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
             need = self.reservation(seq)
@@ -113,6 +115,8 @@ class Scheduler:
             seq.row = len(self.running)
             seq.reserved = need
             self.kv.reserve(seq.row, need)
+            if self.sampling is not None:
+                self.sampling.admit(seq.row, seq.request.sampling, seq.key)
             self.running.append(seq)
             n = self._chunk(seq, budget, long_budget)
             if n:
@@ -143,8 +147,12 @@ class Scheduler:
         row = seq.row
         last = self.running.pop()
         self.kv.release(row)
+        if self.sampling is not None:
+            self.sampling.release(row)
         if last is not seq:
             self.kv.move_row(last.row, row, last.computed)
+            if self.sampling is not None:
+                self.sampling.move(last.row, row)
             last.row = row
             self.running[row] = last
         seq.row = -1
@@ -155,6 +163,8 @@ class Scheduler:
         self.running.clear()
         self.waiting.clear()
         self.kv.reset()
+        if self.sampling is not None:
+            self.sampling.reset()
         for seq in dropped:
             seq.row = -1
         return dropped

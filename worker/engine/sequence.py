@@ -29,7 +29,7 @@ class Sequence:
     tokens: int = 0  # completion tokens so far, resume included
     detok: Any = None
     pending: str = ""  # text held back (a possible stop-string prefix)
-    generator: Any = None  # torch.Generator of a seeded request
+    key: int = 0  # the sampling draw's key (sampling.seed_key: from the seed, else random)
     sent_first: bool = False
 
     @property
