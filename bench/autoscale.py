@@ -3,10 +3,11 @@
 
 Both models' `mock` workers are started and stopped (SIGTERM) by KEDA's rule applied to the
 gateway's `/metrics` (`replicas = ceil((queue depth + running) / --max-batch)`, clamped), each
-with a fake 10-20 s cold start. One row: streams served and failed, the time from the first
-waiting request to the first worker of the bursty model, its peak queue depth, its peak and
-final replicas, the steady model's TTFT p99 without and during the burst, and the workers that
-did not exit cleanly after their drain.
+with a fake 10-20 s cold start; the burst comes in through a gateway of its own (the module
+docstring of tests/autoscale.py says why). One row: streams served and failed, the time from
+the first waiting request to the first worker of the bursty model, its peak queue depth, its
+peak and final replicas, the steady model's TTFT p99 without and during the burst, the workers
+stopped (while streaming, or before they were live) and those that did not exit cleanly.
 """
 
 from __future__ import annotations

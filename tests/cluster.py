@@ -139,12 +139,14 @@ class Cluster:
         proc.settings["worker_id"] = worker_id
         return proc
 
-    def start_gateway(self, port: int = 0, *, start_within: float = 60, **settings: Any) -> Proc:
-        """A gateway on `port` (default: a free one); returns once /healthz answers. No
-        shutdown grace unless asked for: nothing balances load in front of a test's gateway."""
+    def start_gateway(self, port: int = 0, *, start_within: float = 60, nice: int = 0,
+                      **settings: Any) -> Proc:
+        """A gateway on `port` (default: a free one), at CPU priority `nice`; returns once
+        /healthz answers. No shutdown grace unless asked for: nothing balances load in front of
+        a test's gateway."""
         port = port or free_port()
         proc = self._spawn("gateway", "gateway", {"port": port, "shutdown_grace": 0, **settings},
-                           port=port)
+                           port=port, nice=nice)
         wait_until(lambda: self._healthy(proc), start_within, what=f"gateway on port {port}")
         return proc
 

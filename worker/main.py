@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import time
 
 from chatstream_cluster.shared.jobqueue import PartitionMismatch
 from chatstream_cluster.shared.logs import setup_logging
 from chatstream_cluster.shared.settings import WorkerSettings
-from chatstream_cluster.shared.waits import wait_set
 from chatstream_cluster.worker.engine.faults import cold_start_seconds
-from chatstream_cluster.worker.engine_api import UnsupportedModel
+from chatstream_cluster.worker.engine_api import Engine, UnsupportedModel
 from chatstream_cluster.worker.factory import make_engine, warm_up
 from chatstream_cluster.worker.loop import Worker
 
@@ -20,19 +21,30 @@ log = logging.getLogger("chatstream.worker")
 
 async def serve(settings: WorkerSettings) -> int:
     """Run one worker until SIGTERM/SIGINT, then drain; the exit code (1: the engine died or
-    kept failing, 2: the model or its settings cannot be served, with the reason logged)."""
-    if not await _fake_cold_start():
-        return 0
+    kept failing, 2: the model or its settings cannot be served, with the reason logged).
+
+    A signal while the model loads (a pod scaled away before it was ready) ends the process
+    at once with 0: it holds no job and is in no registry yet, and a load cannot be cut short
+    (it runs in a thread)."""
+    worker: Worker | None = None
+
+    def on_stop_signal() -> None:
+        if worker is None:
+            log.info("stopped while starting: nothing to drain", extra={"model": settings.model})
+            logging.shutdown()
+            os._exit(0)
+        worker.drain()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop_signal)
     try:
-        engine = await asyncio.to_thread(make_engine, settings)
+        engine = await asyncio.to_thread(_load, settings)
     except UnsupportedModel as exc:
         log.error("cannot serve this model: %s", exc, extra={"model": settings.model})
         return 2
     await asyncio.to_thread(warm_up, engine)
     worker = Worker(settings, engine)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.drain)
     try:
         await worker.run()
     except PartitionMismatch as exc:
@@ -41,23 +53,15 @@ async def serve(settings: WorkerSettings) -> int:
     return 1 if worker.engine_failed else 0
 
 
-async def _fake_cold_start() -> bool:
-    """TEST ONLY (worker/engine/faults.py): wait as a starting pod would; False when SIGTERM or
-    SIGINT came meanwhile (the worker then exits 0, as one scaled away before it was ready)."""
+def _load(settings: WorkerSettings) -> Engine:
+    """The engine, after the TEST ONLY fake cold start (worker/engine/faults.py), which waits
+    where a real model load takes its time."""
     delay = cold_start_seconds()
-    if not delay:
-        return True
-    log.warning("test-only cold start: waiting before loading the model",
-                extra={"seconds": round(delay, 1)})
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        return not await wait_set(stop, delay)
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+    if delay:
+        log.warning("test-only cold start: waiting before loading the model",
+                    extra={"seconds": round(delay, 1)})
+        time.sleep(delay)
+    return make_engine(settings)
 
 
 def main(settings: WorkerSettings) -> int:

@@ -11,7 +11,8 @@ How they run, in a fresh temporary folder:
   `demo` (the ChatStream endpoints' default);
 - environment: the project's venv first on PATH (`python`, `chatstream`); `KEY` and
   `CHATSTREAM_ADMIN_KEY` are that gateway's keys, `SECRET` a session secret, and
-  `CHATSTREAM_REDIS_URL` / `CHATSTREAM_KEY_PREFIX` name the test cluster;
+  `CHATSTREAM_REDIS_URL` / `CHATSTREAM_KEY_PREFIX` name the test cluster, and
+  `CHATSTREAM_DEFAULT_MODEL` its ChatStream endpoints' model (`demo`, as its gateways have);
 - shell: `bash -e -o pipefail`, with `curl` failing on an HTTP error (`--fail-with-body`), so
   a 401 or a 503 fails the block like a non-zero exit;
 - Python: `python block.py`. A block that builds a FastAPI `app` is served with uvicorn, and if
@@ -79,7 +80,7 @@ class Target:
             PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
             KEY=self.api_key, SECRET="docs-test-session-secret", PYTHONUNBUFFERED="1",
             CHATSTREAM_ADMIN_KEY=self.admin_key, CHATSTREAM_REDIS_URL=self.redis_url,
-            CHATSTREAM_KEY_PREFIX=self.key_prefix,
+            CHATSTREAM_KEY_PREFIX=self.key_prefix, CHATSTREAM_DEFAULT_MODEL="demo",
         )
         return env
 

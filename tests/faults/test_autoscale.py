@@ -1,7 +1,8 @@
 """The short autoscaling run of `make test` (tests/autoscale.py): two models, each scaled by
-KEDA's rule on its own figures from /metrics, mock workers with a fake 10-20 s cold start
-stopped with SIGTERM. The bursty model goes 0 -> 24 concurrent streams -> 0 (the full ramp to
-100 is `python -m bench --scenarios autoscale`) while the steady model serves throughout."""
+KEDA's rule on its own figures from /metrics, mock workers with a fake 2-4 s cold start
+stopped with SIGTERM. The bursty model goes 0 -> 24 concurrent streams -> 0 while the steady
+model serves throughout. The full ramp, to 100 streams with 10-20 s cold starts, is
+`python -m bench --scenarios autoscale` (docs/performance.md, "Autoscaling")."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.timeout(300)
 def test_scale_from_zero_and_back_without_a_failed_stream(cluster) -> None:  # noqa: ANN001
-    report = Ramp(peak=24, burst_batch=8, burst_max_replicas=3, burst_tokens=30,
-                  baseline_s=5, ramp_up_s=4, hold_s=4, ramp_down_s=2).run(cluster)
+    report = Ramp(peak=24, burst_batch=8, burst_max_replicas=3, burst_tokens=20,
+                  burst_tokens_per_s=10,
+                  cold_start="2-4", warmup_s=1, baseline_s=4, ramp_up_s=3, hold_s=3,
+                  ramp_down_s=3, cooldown_s=3, down_every_s=1, stabilization_s=1).run(cluster)
     row = report.row()
     print(row)  # shown with -s; the bench prints the full ramp's figures
     assert report.scaler_errors == []

@@ -27,6 +27,18 @@ def test_sigterm_worker_finishes_in_flight_jobs_and_exits_0(cluster) -> None:  #
     assert worker.wait(30) == 0
 
 
+def test_sigterm_while_the_model_loads_exits_0_at_once(cluster) -> None:  # noqa: ANN001
+    """A pod scaled away before it was ready: the load (here the test-only cold start, which
+    waits where a model loads) is not waited for, and the exit is clean."""
+    worker = cluster.start_worker("mock", env={"CHATSTREAM_TEST_COLD_START": "60"})
+    wait_until(lambda: "test-only cold start" in worker.log(), 30, what="the model load")
+    signalled = time.monotonic()
+    worker.terminate()
+    assert worker.wait(20) == 0  # not killed by the signal (-15)
+    assert time.monotonic() - signalled < 15  # not after the 60 s load
+    assert "stopped while starting" in worker.log()
+
+
 def test_drain_timeout_hands_unfinished_jobs_to_another_worker(cluster) -> None:  # noqa: ANN001
     takeover = {"job_claim_idle": 1.0, "worker_ttl": 1.0, "mock_tokens_per_s": 30}
     first = cluster.start_worker("mock", drain_timeout=0.5, **takeover)

@@ -173,9 +173,12 @@ def test_sessions_per_key_are_capped_least_recently_used_first(env) -> None:  # 
 
 # --- every key --------------------------------------------------------------------------------
 #: Keys without a TTL, each bounded another way: the semaphore and the registries by the
-#: members they purge, the job stream by its consumers, the dead letters by MAXLEN, the
-#: feedback by MAXLEN and MINID, the session indexes by --max-sessions-per-key.
-UNEXPIRING = ("sem:", "jobs", "jobs:dead", "workers", "gateways", "feedback", "sessions:")
+#: members they purge, each served model's job stream (`model:<tag>:jobs`) by its consumers,
+#: the models hash by the day after which a model no worker served is dropped, the dead
+#: letters by MAXLEN, the feedback by MAXLEN and MINID, the session indexes by
+#: --max-sessions-per-key.
+UNEXPIRING = ("sem:", "model:", "models", "jobs:", "workers", "gateways", "feedback",
+              "sessions:")
 #: Keys that expire: sessions and their locks, job meta and events, registry entries, the ops
 #: page's per-minute stats buckets.
 EXPIRING = ("session:", "job:", "worker:", "gateway:", "stats:")
@@ -196,7 +199,7 @@ def test_every_key_the_cluster_writes_expires_or_is_bounded(env) -> None:  # noq
             assert ttl > 0, name
             seen.add(name.split(":")[0])
         else:
-            assert name == "jobs" or name.startswith(UNEXPIRING), f"unknown key {name!r}"
+            assert name.startswith(UNEXPIRING), f"unknown key {name!r}"
             assert ttl == -1, name
     assert {"session", "job", "worker", "gateway"} <= seen
 
