@@ -179,3 +179,22 @@ def test_render_table_without_workers() -> None:
                          "running": 0, "capacity": 0, "gateways": [], "workers": []})
     assert "queue_depth 2" in text and "running 0/0" in text
     assert "(no live worker)" in text
+
+
+def test_render_table_has_a_row_per_model() -> None:
+    models = [
+        {"name": "qwen-7b", "queue_depth": 5, "waiting_for_permit": 4, "undelivered_jobs": 1,
+         "running": 16, "capacity": 16, "workers": 2, "serving": 1, "waiting_in_workers": 3,
+         "tokens_per_s": 812.5},
+        {"name": "cold", "queue_depth": 2, "waiting_for_permit": 2, "undelivered_jobs": 0,
+         "running": 0, "capacity": 0, "workers": 0, "serving": 0, "waiting_in_workers": 0,
+         "tokens_per_s": 0.0},
+    ]
+    text = render_table({"queue_depth": 7, "waiting_for_permit": 6, "undelivered_jobs": 1,
+                         "running": 16, "capacity": 16, "gateways": [], "workers": [],
+                         "models": models})
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.strip()}
+    assert rows["MODEL"] == ["QUEUE", "PERMIT", "UNREAD", "RUN", "CAP", "WORKERS", "WAIT",
+                             "TOK/S"]
+    assert rows["qwen-7b"] == ["5", "4", "1", "16", "16", "1/2", "3", "812.5"]
+    assert rows["cold"] == ["2", "2", "0", "0", "0", "0/0", "0", "0.0"]
