@@ -108,7 +108,12 @@ def test_two_models_serve_side_by_side_and_isolated(cluster) -> None:  # noqa: A
     # no_worker (no --cold-start-timeout), not 404.
     alpha.kill()
     wait_until(lambda: models_of(gateway)["alpha"]["workers"] == 0, 10, what="alpha gone")
-    assert [m["id"] for m in httpx.get(gateway.url + "/v1/models").json()["data"]] == ["beta"]
+
+    def listed_models() -> list[str]:
+        return [m["id"] for m in httpx.get(gateway.url + "/v1/models").json()["data"]]
+
+    # /v1/models reads the gateway's view of the workers, refreshed in the background.
+    wait_until(lambda: listed_models() == ["beta"], 10, what="/v1/models without alpha")
     down = httpx.post(gateway.url + CHAT, json=chat("alpha", "anyone?", 3), timeout=15)
     assert down.status_code == 503 and down.json()["error"]["code"] == "no_worker"
     assert httpx.post(gateway.url + CHAT, json=chat("beta", "still", 3),
