@@ -99,24 +99,24 @@ class WorkerCache:
         """Models the cluster knows: declared, served lately, or live now."""
         return self.declared | self.seen | {w.model for w, _age in self.workers}
 
-    async def wait_for_any(self, timeout: float) -> None:
-        """Return once some model is known (or Redis is down), or after `timeout`."""
+    async def _wait_until(self, done: Callable[[], bool], timeout: float) -> None:
+        """Wait over refreshes until `done()`, Redis is down (waiting cannot help), or
+        `timeout` seconds pass."""
         deadline = time.monotonic() + timeout
-        while self.redis_ok and not self.known_models:
+        while self.redis_ok and not done():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
             await wait_set(self._changed, remaining)
 
+    async def wait_for_any(self, timeout: float) -> None:
+        """Return once some model is known (or Redis is down), or after `timeout`."""
+        await self._wait_until(lambda: bool(self.known_models), timeout)
+
     async def wait_for_worker(self, model: str, timeout: float) -> None:
         """Return once a serving worker of `model` is known; else 503: at once when Redis is
         down, after `timeout` when no worker of it is."""
-        deadline = time.monotonic() + timeout
-        while self.redis_ok and not self.serving_for(model):  # Redis down: 503 now
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            await wait_set(self._changed, remaining)
+        await self._wait_until(lambda: bool(self.serving_for(model)), timeout)
         if not self.redis_ok:
             raise redis_unavailable()
         if not self.serving_for(model):
